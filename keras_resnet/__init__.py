@@ -1,0 +1,60 @@
+"""keras_resnet: the ResNet family as Keras 3 functional models.
+
+Example:
+    >>> import keras_resnet
+    >>> model = keras_resnet.ResNet50()
+    >>> cifar = keras_resnet.resnet(depth=20)            # CIFAR ResNet-20, 10 classes
+    >>> custom = keras_resnet.resnet(variant="resnet50d", se_ratio=1 / 16)
+"""
+
+from keras_resnet.blocks import (
+    basic_block,
+    bottleneck_block,
+    layer_library,
+    preact_basic_block,
+    preact_bottleneck_block,
+    squeeze_excite,
+)
+from keras_resnet.configs import VARIANTS, ResNetConfig, config_for_depth, get_config
+from keras_resnet.models import (
+    CONSTRUCTORS,
+    PreActResNet164,
+    PreActResNet1001,
+    ResNet18,
+    ResNet20,
+    ResNet32,
+    ResNet34,
+    ResNet44,
+    ResNet50,
+    ResNet50D,
+    ResNet50V2,
+    ResNet56,
+    ResNet101,
+    ResNet101D,
+    ResNet101V2,
+    ResNet110,
+    ResNet152,
+    ResNet152V2,
+    ResNet200,
+    ResNet1202,
+    ResNeXt50_32x4d,
+    SEResNet50,
+    SEResNet101,
+    WideResNet50_2,
+    WideResNet101_2,
+    WRN16_8,
+    WRN28_10,
+    WRN40_4,
+    feature_model,
+    resnet,
+)
+from keras_resnet.weights import load_h5_by_name, transfer_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CONSTRUCTORS", "VARIANTS", "ResNetConfig", "basic_block", "bottleneck_block",
+    "config_for_depth", "feature_model", "get_config", "layer_library", "load_h5_by_name",
+    "preact_basic_block", "preact_bottleneck_block", "resnet", "squeeze_excite",
+    "transfer_weights", *CONSTRUCTORS,
+]
