@@ -92,9 +92,14 @@ class ResNetConfig:
 
     @property
     def depth(self) -> int:
-        """Layer count in the papers' convention (weighted layers on the main path)."""
+        """Layer count in the papers' convention.
+
+        Weighted layers on the main path plus stem and classifier; Wide ResNets
+        (pre-activation basic blocks) also count their stage-entry 1x1 projections.
+        """
         convs_per_block = 3 if self.block == "bottleneck" else 2
-        return convs_per_block * sum(self.depths) + 2
+        wrn_projections = len(self.depths) if self.preact and self.block == "basic" else 0
+        return convs_per_block * sum(self.depths) + 2 + wrn_projections
 
     @property
     def min_size(self) -> int:

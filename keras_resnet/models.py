@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
-from keras_resnet import blocks, configs, weights as weights_lib
+from keras_resnet import blocks, configs
+from keras_resnet import weights as weights_lib
 from keras_resnet.configs import ResNetConfig
 
 POOLINGS = (None, "avg", "max")
@@ -56,6 +59,7 @@ def resnet(depth: int | None = None, *, variant: str | None = None,
     variant, config = _resolve(depth, variant, config)
     if options:
         config = config.replace(**options)
+    _ensure_recursion_limit(config)
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r} is not valid; choose one of None, 'avg', 'max'")
     keras = blocks.library()
@@ -113,6 +117,14 @@ def _resolve(depth, variant, config) -> tuple[str, ResNetConfig]:
         key = variant.lower().replace("-", "_")
         return key, configs.get_config(key)
     return configs.config_for_depth(depth)
+
+
+def _ensure_recursion_limit(config: ResNetConfig) -> None:
+    # Keras walks functional graphs recursively; ResNet-1202 and pre-activation ResNet-1001
+    # (thousands of layers) need more than Python's default 1,000 frames. Only ever raised.
+    needed = 40 * sum(config.depths) + 2000
+    if sys.getrecursionlimit() < needed:
+        sys.setrecursionlimit(needed)
 
 
 def _is_keras_tensor(keras, tensor) -> bool:

@@ -45,7 +45,7 @@ def check_path(weights) -> None:
         )
 
 
-def imagenet_file(variant: str, *, include_top: bool) -> str:
+def imagenet_file(variant: str, *, include_top: bool, cache_dir: str | None = None) -> str:
     """Downloads (once, then cached under ~/.keras/models) and md5-checks a weights file."""
     import keras
 
@@ -53,6 +53,7 @@ def imagenet_file(variant: str, *, include_top: bool) -> str:
     suffix = "" if include_top else "_notop"
     fname = f"{variant}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
     return keras.utils.get_file(fname, BASE_URL + fname, cache_subdir="models",
+                                cache_dir=cache_dir,
                                 file_hash=top_hash if include_top else notop_hash)
 
 

@@ -1,0 +1,63 @@
+"""The model code is backend-neutral: the same models build, train and agree under JAX."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import keras_resnet as kr
+
+pytest.importorskip("jax", reason="the JAX backend test needs jax (pip install -e .[dev])")
+
+SCRIPT = textwrap.dedent(
+    """
+    import dataclasses, json, sys
+    import keras, numpy as np
+    import keras_resnet as kr
+    assert keras.backend.backend() == "jax"
+    out = {}
+    for name in sys.argv[2:]:
+        c = kr.VARIANTS[name]
+        c = dataclasses.replace(c, depths=(2,) * len(c.depths),
+                                widths=tuple(16 * 2**i for i in range(len(c.depths))),
+                                width_factor=min(c.width_factor, 2), stem_width=16)
+        side = 32 if c.stem == "cifar" else 64
+        m = kr.resnet(config=c, classes=5, input_shape=(side, side, 3),
+                      classifier_activation=None, stochastic_depth=0.1)
+        m.compile(optimizer="adam",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = np.random.default_rng(0).uniform(0, 1, (4, side, side, 3)).astype("float32")
+        y = np.arange(4) % 5
+        losses = [float(m.train_on_batch(x, y)) for _ in range(8)]
+        out[name] = [losses[0], losses[-1]]
+    saved = keras.models.load_model(sys.argv[1] + "/model.keras")
+    x = np.load(sys.argv[1] + "/x.npy")
+    np.save(sys.argv[1] + "/jax_out.npy", np.asarray(saved.predict(x, verbose=0)))
+    print(json.dumps(out))
+    """
+)
+
+
+def test_models_build_train_and_agree_under_jax(tmp_path):
+    model = kr.ResNet50(input_shape=(64, 64, 3), classes=10, include_preprocessing=True)
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    model.save(tmp_path / "model.keras")
+    np.save(tmp_path / "x.npy", x)
+    names = ["resnet18", "resnet50", "resnet50v2", "resnet50d", "se_resnet50",
+             "resnext50_32x4d", "resnet20", "preact_resnet164", "wrn_16_8"]
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *names], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in names:
+        before, after = losses[name]
+        assert after < before, (name, before, after)
+    tf_out = model.predict(x, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "jax_out.npy"), tf_out, atol=1e-4)

@@ -1,0 +1,135 @@
+"""keras.applications ImageNet weights, tested offline.
+
+A keras.applications model with random weights (and randomised BN statistics) is saved in
+its legacy HDF5 layout, the same layer-name layout as the published files; our loader
+carries it into our architecture and the outputs must agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import keras
+import numpy as np
+import pytest
+
+import keras_resnet as kr
+from keras_resnet import weights as weights_lib
+
+REFERENCES = {
+    "resnet50": keras.applications.ResNet50,
+    "resnet50v2": keras.applications.ResNet50V2,
+}
+
+
+def _randomise_bn(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights([
+                rng.uniform(0.5, 1.5, gamma.shape).astype("float32"),
+                rng.normal(0, 0.1, beta.shape).astype("float32"),
+                rng.normal(0, 0.1, mean.shape).astype("float32"),
+                rng.uniform(0.5, 1.5, var.shape).astype("float32"),
+            ])
+
+
+@pytest.fixture(scope="module", params=[(v, top) for v in REFERENCES for top in (True, False)],
+                ids=lambda p: f"{p[0]}-{'top' if p[1] else 'notop'}")
+def reference_file(request, tmp_path_factory):
+    variant, include_top = request.param
+    ref = REFERENCES[variant](weights=None, include_top=include_top,
+                              classifier_activation=None)
+    _randomise_bn(ref)
+    path = tmp_path_factory.mktemp("weights") / f"{variant}.h5"
+    ref.save(path)  # legacy HDF5: weights grouped by layer name, as the published files
+    return variant, include_top, ref, path
+
+
+def _logits(model, x):
+    return model.predict(x, verbose=0)
+
+
+def assert_agree(actual, desired, tol=1e-5):
+    """Agreement to ``tol`` relative to the output scale (feature maps reach ~50)."""
+    np.testing.assert_allclose(actual, desired, rtol=tol,
+                               atol=tol * max(1.0, float(np.abs(desired).max())))
+
+
+def test_weights_imagenet_matches_keras_applications(reference_file, monkeypatch):
+    variant, include_top, ref, path = reference_file
+    requested = []
+
+    def fake_download(v, *, include_top):
+        requested.append((v, include_top))
+        return str(path)
+
+    monkeypatch.setattr(weights_lib, "imagenet_file", fake_download)
+    model = kr.resnet(variant=variant, weights="imagenet", include_top=include_top,
+                      classifier_activation=None,
+                      input_shape=None if include_top else (96, 96, 3))
+    assert requested == [(variant, include_top)]
+    size = 224 if include_top else 96
+    x = np.random.default_rng(1).uniform(-120, 130, (2, size, size, 3)).astype("float32")
+    assert_agree(_logits(model, x), _logits(ref, x))
+
+
+def test_same_mapping_carries_a_model_in_memory(reference_file):
+    variant, include_top, ref, _ = reference_file
+    model = kr.resnet(variant=variant, keras_applications=True, include_top=include_top,
+                      classifier_activation=None)
+    n = kr.transfer_weights(ref, model)
+    assert n == sum(1 for layer in ref.layers if layer.weights)
+    x = np.random.default_rng(2).uniform(-120, 130, (1, 224, 224, 3)).astype("float32")
+    assert_agree(_logits(model, x), _logits(ref, x))
+
+
+def test_imagenet_weights_keep_v1_quirks():
+    """keras.applications v1 strides in the first 1x1 and has conv biases."""
+    model = kr.resnet(variant="resnet50", keras_applications=True)
+    assert model.get_layer("conv3_block1_1_conv").strides == (2, 2)
+    assert model.get_layer("conv3_block1_2_conv").strides == (1, 1)
+    assert model.get_layer("conv3_block1_1_conv").use_bias
+    v15 = kr.ResNet50()
+    assert v15.get_layer("conv3_block1_2_conv").strides == (2, 2)
+    assert not v15.get_layer("conv3_block1_1_conv").use_bias
+
+
+def test_download_is_hash_checked_and_cached(tmp_path, monkeypatch):
+    served = tmp_path / "served"
+    served.mkdir()
+    fname = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    (served / fname).write_bytes(b"not really weights")
+    good = hashlib.md5((served / fname).read_bytes()).hexdigest()
+    monkeypatch.setattr(weights_lib, "BASE_URL", served.as_uri() + "/")
+    monkeypatch.setitem(weights_lib.IMAGENET_WEIGHTS, "resnet50", ("0" * 32, good))
+    path = weights_lib.imagenet_file("resnet50", include_top=False, cache_dir=str(tmp_path))
+    assert open(path, "rb").read() == b"not really weights"
+    (served / fname).unlink()  # second call is served from the cache
+    assert weights_lib.imagenet_file("resnet50", include_top=False,
+                                     cache_dir=str(tmp_path)) == path
+    (served / fname).write_bytes(b"tampered")
+    monkeypatch.setitem(weights_lib.IMAGENET_WEIGHTS, "resnet50", ("0" * 32, "1" * 32))
+    with pytest.raises(ValueError):
+        weights_lib.imagenet_file("resnet50", include_top=False, cache_dir=str(tmp_path / "b"))
+
+
+def test_weights_from_local_files(tmp_path):
+    model = kr.ResNet20()
+    x = np.random.default_rng(3).uniform(0, 1, (2, 32, 32, 3)).astype("float32")
+    model.save_weights(tmp_path / "w.weights.h5")
+    model.save(tmp_path / "m.keras")
+    model.save(tmp_path / "legacy.h5")
+    for f in ("w.weights.h5", "m.keras", "legacy.h5"):
+        other = kr.ResNet20(weights=str(tmp_path / f))
+        np.testing.assert_array_equal(_logits(other, x), _logits(model, x))
+
+
+def test_mismatched_weights_name_the_layer(tmp_path):
+    kr.ResNet20().save(tmp_path / "r20.h5")
+    with pytest.raises(ValueError, match="has no weights for layer 'conv2_block4_1_conv'"):
+        kr.ResNet32(weights=str(tmp_path / "r20.h5"))
+    kr.ResNet20(classes=5).save(tmp_path / "r20c5.h5")
+    with pytest.raises(ValueError, match="layer 'predictions' expects weight shapes"):
+        kr.ResNet20(weights=str(tmp_path / "r20c5.h5"))
