@@ -94,12 +94,14 @@ class ResNetConfig:
     def depth(self) -> int:
         """Layer count in the papers' convention.
 
-        Weighted layers on the main path plus stem and classifier; Wide ResNets
-        (pre-activation basic blocks) also count their stage-entry 1x1 projections.
+        Weighted layers on the main path plus stem and classifier (He et al.); Wide ResNets
+        (pre-activation basic blocks) count the stem and the stage-entry 1x1 projections
+        instead, depth 6n+4 (Zagoruyko & Komodakis).
         """
         convs_per_block = 3 if self.block == "bottleneck" else 2
-        wrn_projections = len(self.depths) if self.preact and self.block == "basic" else 0
-        return convs_per_block * sum(self.depths) + 2 + wrn_projections
+        if self.preact and self.block == "basic":
+            return convs_per_block * sum(self.depths) + 1 + len(self.depths)
+        return convs_per_block * sum(self.depths) + 2
 
     @property
     def min_size(self) -> int:
