@@ -76,6 +76,11 @@ def load_file(model, path) -> None:
         raise ValueError(f"weights={path!r}: expected a .keras, .weights.h5 or .h5 file")
 
 
+# Frozen layers whose values the builder sets (input normalisation): a source without them,
+# such as keras.applications' files, leaves them as built.
+BUILDER_CONSTANTS = ("preprocess",)
+
+
 def assign_by_name(model, lookup: Callable[[str], Sequence[np.ndarray] | None], *,
                    source: str) -> int:
     """Sets every weighted layer of ``model`` from ``lookup(layer_name)``.
@@ -88,6 +93,8 @@ def assign_by_name(model, lookup: Callable[[str], Sequence[np.ndarray] | None], 
         if not layer.weights:
             continue
         arrays = lookup(layer.name)
+        if arrays is None and layer.name in BUILDER_CONSTANTS:
+            continue
         if arrays is None:
             raise ValueError(f"{source} has no weights for layer {layer.name!r}")
         arrays = list(arrays)

@@ -133,3 +133,16 @@ def test_mismatched_weights_name_the_layer(tmp_path):
     kr.ResNet20(classes=5).save(tmp_path / "r20c5.h5")
     with pytest.raises(ValueError, match="layer 'predictions' expects weight shapes"):
         kr.ResNet20(weights=str(tmp_path / "r20c5.h5"))
+
+
+def test_include_preprocessing_matches_keras_applications_preprocess_input(reference_file,
+                                                                            monkeypatch):
+    variant, include_top, ref, path = reference_file
+    if not include_top:
+        pytest.skip("one check per variant is enough")
+    monkeypatch.setattr(weights_lib, "imagenet_file", lambda v, *, include_top: str(path))
+    model = kr.resnet(variant=variant, weights="imagenet", include_preprocessing=True,
+                      classifier_activation=None)
+    module = keras.applications.resnet_v2 if variant.endswith("v2") else keras.applications.resnet
+    pixels = np.random.default_rng(4).uniform(0, 255, (2, 224, 224, 3)).astype("float32")
+    assert_agree(_logits(model, pixels), _logits(ref, module.preprocess_input(pixels.copy())))
