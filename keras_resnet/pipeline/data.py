@@ -37,7 +37,8 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -95,10 +96,24 @@ class DataBundle:
     val_size: int
     skipped: tuple[str, ...] = ()
     cached: bool = False
+    epoch_fn: Callable[[Any], tf.data.Dataset] | None = dataclasses.field(
+        default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def epochs(self, start_epoch: int = 0) -> tf.data.Dataset:
+        """An endless training stream whose epoch k is a pure function of (seed, k).
+
+        Unlike iterating ``train`` again, the sequence does not depend on how many
+        iterators were made before, so runs on one device and on several replicas see the
+        same batches, and a run resumed at ``start_epoch`` continues the same sequence.
+        """
+        if self.epoch_fn is None:
+            return self.train.repeat()
+        epochs = tf.data.Dataset.range(start_epoch, 2**62)
+        return _finish(epochs.flat_map(self.epoch_fn))
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Full batches in one pass over ``train``."""
@@ -196,15 +211,18 @@ def load_data(dataset: str, *, data_dir: str | None = None, image_size: int,
             f"the training split of {dataset} has {train.size} images, fewer than one batch "
             f"of {batch_size}; lower --batch_size"
         )
-    train_ds, cached = _train_pipeline(train, image_size=image_size, batch_size=batch_size,
+    epoch_fn, cached = _train_pipeline(train, image_size=image_size, batch_size=batch_size,
                                        seed=seed, augment=augment, cache_budget=cache_budget)
+    # Each iteration of ``train`` is one epoch with a fresh random epoch key.
+    train_ds = _finish(tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+                       .take(1).flat_map(epoch_fn))
     val_ds = None
     if val is not None and val.size:
         val_ds = _eval_pipeline(val, image_size=image_size, batch_size=batch_size,
                                 cache_budget=cache_budget)
     return DataBundle(train=train_ds, val=val_ds, class_names=tuple(class_names),
                       train_size=train.size, val_size=val.size if val_ds else 0,
-                      skipped=tuple(skipped), cached=cached)
+                      skipped=tuple(skipped), cached=cached, epoch_fn=epoch_fn)
 
 
 def eval_data(dataset: str, data_dir: str | None = None, split: str = "test",
@@ -741,11 +759,11 @@ def _options(deterministic=True):
     return options
 
 
-def _load(split: _Split):
-    """Maps elements to decoded uint8 images, skipping ones that fail to decode."""
-    if not split.files:
-        return split.elements.map(lambda x, y: (_to_rgb(x), y), num_parallel_calls=AUTOTUNE)
-    ds = split.elements.map(lambda p, y: (decode_image(tf.io.read_file(p)), y),
+def _load(elements, files):
+    """Maps elements to decoded uint8 images, skipping files that fail to decode."""
+    if not files:
+        return elements.map(lambda x, y: (_to_rgb(x), y), num_parallel_calls=AUTOTUNE)
+    ds = elements.map(lambda p, y: (decode_image(tf.io.read_file(p)), y),
                             num_parallel_calls=AUTOTUNE)
     # Files passed an up-front check; a file corrupt inside is dropped, never fatal.
     return ds.ignore_errors(log_warning=True)
@@ -756,7 +774,33 @@ def _is_small(split: _Split, image_size: int) -> bool:
         image_size <= SMALL_IMAGE_MAX)
 
 
+def _permute(ds, size, epoch_seed):
+    """A full, stateless shuffle: the order depends only on ``epoch_seed``.
+
+    (Dataset.shuffle draws from a stateful generator, so its order would depend on how
+    many iterators were made before.) The batch of all elements is a copy of the cache,
+    which the cache budget allows for.
+    """
+    def permute(x, y):
+        # The count can be below ``size`` when undecodable files were dropped.
+        keys = tf.random.stateless_uniform(tf.shape(y)[:1], seed=tf.stack([epoch_seed, 0]))
+        order = tf.argsort(keys)
+        return tf.gather(x, order), tf.gather(y, order)
+
+    return ds.batch(size).map(permute).unbatch()
+
+
+def _epoch_seed(seed, epoch):
+    return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
+
+
 def _train_pipeline(split: _Split, *, image_size, batch_size, seed, augment, cache_budget):
+    """Returns (epoch -> batched dataset of that epoch, whether data is cached).
+
+    An epoch's order and augmentation are a pure function of (seed, epoch), so a run
+    sees the same data however many iterators are made (tf.distribute makes an extra
+    one) and a resumed run continues the original sequence.
+    """
     small = _is_small(split, image_size)
     if small:
         # Decoded small images are compact: cache them (the budget covers the cache and
@@ -766,34 +810,20 @@ def _train_pipeline(split: _Split, *, image_size, batch_size, seed, augment, cac
         # Large images: at most the encoded bytes are cached; decoding (only the random
         # crop window, for JPEG) happens every epoch.
         cached = bool(split.files and 0 < 2 * split.encoded_bytes <= cache_budget)
-    elements = split.elements
-    if split.files:
-        # Shuffling the file list is free: reshuffle it every epoch when streaming; when
-        # caching, shuffle it once so the cache is mixed, then shuffle the cache.
-        elements = elements.shuffle(split.size, seed=seed,
-                                    reshuffle_each_iteration=not cached)
-    split = dataclasses.replace(split, elements=elements)
-
-    def shuffle(ds):
-        if cached:
-            return ds.cache().shuffle(split.size, seed=seed, reshuffle_each_iteration=True)
-        if split.files:
-            return ds
-        return ds.shuffle(min(split.size, STREAM_SHUFFLE_BUFFER), seed=seed,
-                          reshuffle_each_iteration=True)
 
     if small:
-        ds = _load(split).map(lambda x, y: (_resize_uint8(x, image_size), y),
-                              num_parallel_calls=AUTOTUNE)
-        ds = shuffle(ds)
+        def read(elements):
+            return _load(elements, split.files).map(
+                lambda x, y: (_resize_uint8(x, image_size), y), num_parallel_calls=AUTOTUNE)
 
         def transform(x, y, s):
             if augment:
                 return _augment_small(x, s, image_size, split.flip), y
             return tf.cast(x, tf.float32), y
     elif split.files:
-        ds = shuffle(split.elements.map(lambda p, y: (tf.io.read_file(p), y),
-                                        num_parallel_calls=AUTOTUNE))
+        def read(elements):
+            return elements.map(lambda p, y: (tf.io.read_file(p), y),
+                                num_parallel_calls=AUTOTUNE)
 
         def transform(contents, y, s):
             if not augment:
@@ -806,26 +836,47 @@ def _train_pipeline(split: _Split, *, image_size, batch_size, seed, augment, cac
                 lambda: _random_resized_crop(decode_image(contents), s, image_size,
                                              split.flip)), y
     else:
-        ds = shuffle(_load(split))
+        def read(elements):
+            return _load(elements, split.files)
 
         def transform(x, y, s):
             if not augment:
                 return tf.cast(eval_transform(x, image_size), tf.float32), y
             return _random_resized_crop(x, s, image_size, split.flip), y
 
-    # One stateless seed per element, different every epoch but fixed by ``seed``.
-    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    ds = tf.data.Dataset.zip((ds, seeds)).map(lambda xy, s: transform(xy[0], xy[1], s),
-                                              num_parallel_calls=AUTOTUNE)
-    if split.files and not small:
-        ds = ds.ignore_errors(log_warning=True)  # decoding happens in ``transform`` here
-    ds = ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE).with_options(_options()), cached
+    base = None
+    if cached:
+        base = read(split.elements).cache()
+
+    def epoch_fn(epoch):
+        epoch_seed = _epoch_seed(seed, epoch)
+        if cached:
+            ds = _permute(base, split.size, epoch_seed)
+        elif split.files:
+            # Permuting a file list is free: the whole list, every epoch.
+            ds = read(_permute(split.elements, split.size, epoch_seed))
+        else:
+            # Streamed records (TFDS stores them shuffled): a window shuffle suffices.
+            ds = read(split.elements).shuffle(min(split.size, STREAM_SHUFFLE_BUFFER),
+                                              seed=seed)
+        # One stateless seed per element: (epoch seed, index in the epoch).
+        ds = ds.enumerate().map(
+            lambda i, xy: transform(xy[0], xy[1], tf.stack([epoch_seed, i])),
+            num_parallel_calls=AUTOTUNE)
+        if split.files and not small:
+            ds = ds.ignore_errors(log_warning=True)  # decoding happens in ``transform``
+        return ds.batch(batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE)
+
+    return epoch_fn, cached
+
+
+def _finish(ds):
+    return ds.prefetch(AUTOTUNE).with_options(_options())
 
 
 def _eval_pipeline(split: _Split, *, image_size, batch_size, cache_budget):
     small = _is_small(split, image_size)
-    ds = _load(split)
+    ds = _load(split.elements, split.files)
     if small:
         ds = ds.map(lambda x, y: (_resize_uint8(x, image_size), y), num_parallel_calls=AUTOTUNE)
     else:
@@ -834,5 +885,4 @@ def _eval_pipeline(split: _Split, *, image_size, batch_size, cache_budget):
     if split.size * image_size * image_size * 3 <= cache_budget:
         ds = ds.cache()
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
-    ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE)
-    return ds.prefetch(AUTOTUNE).with_options(_options())
+    return _finish(ds.batch(batch_size, num_parallel_calls=AUTOTUNE))
