@@ -766,6 +766,7 @@ def plot_curves(history: list[dict[str, float]], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -775,6 +776,7 @@ def plot_curves(history: list[dict[str, float]], path: str, title: str) -> None:
             if any(v is not None for v in values):
                 ax.plot(epochs, values, marker="o", label=name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
