@@ -1,0 +1,234 @@
+"""Input pipelines: datasets, splits, determinism, augmentation and bad data."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_resnet.pipeline import data
+
+
+def _write_images(root: Path, classes: dict[str, int], *, size=(40, 48), fmt="jpg", seed=0):
+    """Writes ``count`` small random images per class folder."""
+    rng = np.random.default_rng(seed)
+    for name, count in classes.items():
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            encoded = (tf.io.encode_png(pixels) if fmt == "png"
+                       else tf.io.encode_jpeg(pixels)).numpy()
+            (folder / f"{i:03d}.{fmt}").write_bytes(encoded)
+    return root
+
+
+def _labels(ds):
+    return np.concatenate([y.numpy() for _, y in ds])
+
+
+def _images(ds):
+    return np.concatenate([x.numpy() for x, _ in ds])
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_bundle_shapes_and_pixels():
+    bundle = data.load_data("digits", image_size=32, batch_size=64, val_fraction=0.1)
+    assert bundle.class_names == tuple(str(d) for d in range(10))
+    # 1,797 images, every fifth is test (359), 10% of the rest per class is validation.
+    assert bundle.train_size + bundle.val_size == 1797 - 359
+    assert 130 <= bundle.val_size <= 150
+    x, y = next(iter(bundle.train))
+    assert x.shape == (64, 32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+    assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 255.0
+    assert float(tf.reduce_max(x)) > 200  # raw pixels, not normalised
+    # grey digits: the three channels are equal
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])
+    assert len(_labels(bundle.val)) == bundle.val_size
+    test = data.eval_data("digits", None, "test", 32, 100)
+    assert test.size == 359 and len(_labels(test.dataset)) == 359
+
+
+def test_validation_is_deterministic_and_train_epochs_are_a_function_of_seed():
+    a = data.load_data("digits", image_size=16, batch_size=32, seed=3)
+    b = data.load_data("digits", image_size=16, batch_size=32, seed=3)
+    np.testing.assert_array_equal(_images(a.val), _images(b.val))
+    np.testing.assert_array_equal(_images(a.val), _images(a.val))
+    first = [_images(a.epochs(0).take(3)), _images(b.epochs(0).take(3))]
+    np.testing.assert_array_equal(*first)  # same seed, same batches, whatever came before
+    np.testing.assert_array_equal(_images(a.epochs(1).take(2)),
+                                  _images(a.epochs(0).skip(a.steps_per_epoch(32)).take(2)))
+    assert not np.array_equal(_images(a.epochs(0).take(1)), _images(a.epochs(1).take(1)))
+    other = data.load_data("digits", image_size=16, batch_size=32, seed=4)
+    assert not np.array_equal(_images(other.epochs(0).take(1)), first[0][:32])
+
+
+def test_carve_is_stratified_disjoint_and_seeded():
+    paths = [f"f{i}" for i in range(300)]
+    labels = [i % 3 for i in range(300)]
+    (tp, tl), (vp, vl) = data.carve(paths, labels, 0.2, seed=0)
+    assert len(vp) == 60 and np.bincount(vl).tolist() == [20, 20, 20]
+    assert not set(tp) & set(vp) and len(tp) + len(vp) == 300
+    assert data.carve(paths, labels, 0.2, seed=0)[1][0] == vp
+    assert data.carve(paths, labels, 0.2, seed=1)[1][0] != vp
+    assert data.carve(paths, labels, 0.0, seed=0)[1][0] == []
+
+
+def test_augmentation_styles():
+    assert data.augmentation_style(32) == "cifar" and data.augmentation_style(64) == "cifar"
+    assert data.augmentation_style(65) == "imagenet"
+    plain = data.load_data("digits", image_size=32, batch_size=16, augment=False)
+    aug = data.load_data("digits", image_size=32, batch_size=16, augment=True)
+    x_plain, y_plain = next(iter(plain.epochs(0)))
+    x_aug, y_aug = next(iter(aug.epochs(0)))
+    np.testing.assert_array_equal(y_plain, y_aug)  # same order; only pixels move
+    assert not np.array_equal(x_plain, x_aug)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_folder_flat_layout_carves_validation(tmp_path):
+    root = _write_images(tmp_path / "flat", {"cat": 12, "dog": 8})
+    bundle = data.load_data("folder", data_dir=str(root), image_size=32, batch_size=4,
+                            val_fraction=0.25)
+    assert bundle.class_names == ("cat", "dog")
+    assert (bundle.train_size, bundle.val_size) == (15, 5)
+    assert sorted(_labels(bundle.val).tolist()) == [0, 0, 0, 1, 1]
+    x, _ = next(iter(bundle.train))
+    assert x.shape == (4, 32, 32, 3)
+    # eval_data("val") with the same seed reproduces the run's validation images
+    val = data.eval_data("folder", str(root), "val", 32, 4, val_fraction=0.25)
+    np.testing.assert_array_equal(_images(val.dataset), _images(bundle.val))
+    with pytest.raises(data.UserError, match="no test/ folder"):
+        data.eval_data("folder", str(root), "test", 32, 4)
+
+
+def test_folder_split_layout_large_images(tmp_path):
+    root = tmp_path / "split"
+    _write_images(root / "train", {"a": 6, "b": 6}, size=(90, 120))
+    _write_images(root / "val", {"a": 2, "b": 3}, size=(100, 80), fmt="png")
+    _write_images(root / "test", {"a": 4}, size=(80, 80))
+    bundle = data.load_data("folder", data_dir=str(root), image_size=72, batch_size=4)
+    assert (bundle.train_size, bundle.val_size) == (12, 5)
+    x, _ = next(iter(bundle.train))  # random resized crop, decoded from JPEG windows
+    assert x.shape == (4, 72, 72, 3)
+    assert _images(bundle.val).shape == (5, 72, 72, 3)  # resize + centre crop, PNG
+    test = data.eval_data("folder", str(root), "test", 72, 4)
+    assert test.class_names == ("a", "b") and _labels(test.dataset).tolist() == [0] * 4
+
+
+def test_folder_bad_inputs(tmp_path):
+    with pytest.raises(data.UserError, match="needs --data_dir"):
+        data.load_data("folder", data_dir=None, image_size=32, batch_size=4)
+    with pytest.raises(data.UserError, match="does not exist"):
+        data.load_data("folder", data_dir=str(tmp_path / "nope"), image_size=32, batch_size=4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.UserError, match="has no class sub-folders"):
+        data.load_data("folder", data_dir=str(tmp_path / "empty"), image_size=32,
+                       batch_size=4)
+    root = _write_images(tmp_path / "one_empty", {"a": 4})
+    (root / "b").mkdir()
+    (root / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(data.UserError, match=r"class folder .*b holds no images"):
+        data.load_data("folder", data_dir=str(root), image_size=32, batch_size=4)
+    root = _write_images(tmp_path / "few", {"a": 2, "b": 2})
+    with pytest.raises(data.UserError, match="fewer than one batch of 64"):
+        data.load_data("folder", data_dir=str(root), image_size=32, batch_size=64)
+    with pytest.raises(data.UserError, match="val_fraction"):
+        data.load_data("folder", data_dir=str(root), image_size=32, batch_size=1,
+                       val_fraction=1.0)
+
+
+def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path):
+    root = _write_images(tmp_path / "bad", {"a": 6, "b": 6})
+    good = (root / "a" / "000.jpg").read_bytes()
+    (root / "a" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "b" / "empty.jpg").write_bytes(b"")
+    (root / "b" / "text.png").write_bytes(b"this is not a png file at all")
+    # Looks whole (start and end markers) but is corrupt inside: dropped while decoding.
+    (root / "b" / "corrupt.jpg").write_bytes(b"\xff\xd8" + b"\x00" * 64 + b"\xff\xd9")
+    bundle = data.load_data("folder", data_dir=str(root), image_size=32, batch_size=2,
+                            val_fraction=0.0)
+    assert len(bundle.skipped) == 3
+    assert {os.path.basename(p) for p in bundle.skipped} == {"truncated.jpg", "empty.jpg",
+                                                             "text.png"}
+    assert bundle.train_size == 13 and bundle.val is None
+    assert len(_labels(bundle.train)) == 12  # the epoch runs; the corrupt file is dropped
+    for f in (root / "b").iterdir():
+        f.write_bytes(b"\xff\xd8 broken")
+    with pytest.raises(data.UserError, match=r"class folder .*b has no readable image"):
+        data.load_data("folder", data_dir=str(root), image_size=32, batch_size=2)
+
+
+def test_real_cifar_folder(cifar_small):
+    bundle = data.load_data("folder", data_dir=str(cifar_small), image_size=32,
+                            batch_size=100)
+    assert bundle.class_names[:3] == ("airplane", "automobile", "bird")
+    assert (bundle.train_size, bundle.val_size, bundle.skipped) == (2000, 500, ())
+    assert bundle.cached
+    val = _images(bundle.val)
+    assert val.shape == (500, 32, 32, 3)
+    assert 80 < val.mean() < 180  # natural images in 0..255
+    assert np.bincount(_labels(bundle.val)).tolist() == [50] * 10
+
+
+# --------------------------------------------------------------------------- TFDS
+
+
+@pytest.fixture
+def cifar10_metadata(tmp_path):
+    """A TFDS data_dir with cifar10's metadata only (records come from mock_data)."""
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0,
+                            filename_template=None)
+        for name, n in (("train", 40), ("test", 20))]))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+    return str(tmp_path)
+
+
+def test_tfds_through_mock_data(cifar10_metadata):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=cifar10_metadata):
+        bundle = data.load_data("cifar10", data_dir=cifar10_metadata, image_size=32,
+                                batch_size=8, val_fraction=0.25)
+        assert len(bundle.class_names) == 10
+        assert (bundle.train_size, bundle.val_size) == (30, 10)  # carved from train
+        x, y = next(iter(bundle.train))
+        assert x.shape == (8, 32, 32, 3) and y.dtype == tf.int32
+        test = data.eval_data("cifar10", cifar10_metadata, "test", 32, 8)
+        assert test.size == 20
+        assert next(iter(test.dataset))[0].shape == (8, 32, 32, 3)
+        with pytest.raises(data.UserError, match="not available"):
+            data.eval_data("cifar10", cifar10_metadata, "nosuchsplit", 32, 8)
+
+
+def test_tfds_missing_data_fails_at_once(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(data.UserError, match="is not prepared in .*nothing is downloaded"):
+        data.load_data("cifar10", data_dir=str(tmp_path), image_size=32, batch_size=8)
+    assert time.perf_counter() - start < 20  # never the minutes-long offline download
+    with pytest.raises(data.UserError, match="neither folder, digits, synthetic nor a TFDS"):
+        data.load_data("no_such_dataset_xyz", data_dir=str(tmp_path), image_size=32,
+                       batch_size=8)
+
+
+def test_synthetic():
+    bundle = data.load_data("synthetic", image_size=24, batch_size=5, num_classes=7)
+    assert bundle.num_classes == 7
+    x, y = next(iter(bundle.train))
+    assert x.shape == (5, 24, 24, 3) and int(tf.reduce_max(y)) < 7
+    assert bundle.train_size == data.SYNTHETIC_TRAIN_SIZE
+    assert data.load_data("synthetic", image_size=96, batch_size=2).num_classes == 1000
