@@ -14,6 +14,7 @@ Bad input ends with one line ``error: ...`` and exit status 2.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -23,22 +24,26 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-FLAGS = flags.FLAGS
+# Own flag registry: both tools can then be imported into one process (tests).
+FLAGS = flags.FlagValues()
+_integer = functools.partial(flags.DEFINE_integer, flag_values=FLAGS)
+_string = functools.partial(flags.DEFINE_string, flag_values=FLAGS)
+_float = functools.partial(flags.DEFINE_float, flag_values=FLAGS)
 
-flags.DEFINE_string("model", None, "the .keras or .tflite model to evaluate.")
-flags.DEFINE_string("dataset", None, "TFDS name, folder, digits or synthetic (default: the "
-                    "training run's).")
-flags.DEFINE_string("data_dir", None, "TFDS data dir or folder root (default: the run's).")
-flags.DEFINE_string("split", "test", "train, val or test (or a TFDS split such as "
-                    "test[:1000]); val reproduces the run's validation images.")
-flags.DEFINE_integer("image_size", None, "input side (default: the model's).")
-flags.DEFINE_integer("batch_size", 64, "evaluation batch size.")
-flags.DEFINE_float("val_fraction", None, "as in training (default: the run's).")
-flags.DEFINE_integer("seed", None, "as in training (default: the run's).")
-flags.DEFINE_integer("num_threads", None, "LiteRT interpreter threads (.tflite only).")
-flags.DEFINE_string("output_json", None, "write the results here (default: print only).")
-flags.DEFINE_string("confusion_png", None, "confusion-matrix image (default: next to "
-                    "--output_json, else next to the model).")
+_string("model", None, "the .keras or .tflite model to evaluate.")
+_string("dataset", None, "TFDS name, folder, digits or synthetic (default: the "
+        "training run's).")
+_string("data_dir", None, "TFDS data dir or folder root (default: the run's).")
+_string("split", "test", "train, val or test (or a TFDS split such as "
+        "test[:1000]); val reproduces the run's validation images.")
+_integer("image_size", None, "input side (default: the model's).")
+_integer("batch_size", 64, "evaluation batch size.")
+_float("val_fraction", None, "as in training (default: the run's).")
+_integer("seed", None, "as in training (default: the run's).")
+_integer("num_threads", None, "LiteRT interpreter threads (.tflite only).")
+_string("output_json", None, "write the results here (default: print only).")
+_string("confusion_png", None, "confusion-matrix image (default: next to "
+        "--output_json, else next to the model).")
 
 
 def _error(message: str) -> int:
@@ -49,6 +54,9 @@ def _error(message: str) -> int:
 def main(argv: list[str]) -> int:
     """Parses flags and evaluates; returns the exit status (2 for bad input)."""
     FLAGS.unparse_flags()
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nFlags:\n" + FLAGS.get_help())
+        return 0
     try:
         rest = FLAGS(argv)
     except flags.Error as e:

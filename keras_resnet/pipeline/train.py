@@ -51,6 +51,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from typing import Any
 
 import keras
@@ -336,6 +337,13 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The public tf.distribute name of ``strategy`` (its class may be an internal alias)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the run directory (always, unless multi-worker)."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -439,6 +447,12 @@ def copy_backbone(source: keras.Model, target: keras.Model, *, source_name: str)
     A source without a ``preprocess`` layer leaves the target's. Returns layers copied.
     """
     by_name = {layer.name: layer for layer in source.layers}
+    wanted = {layer.name for layer in target.layers if layer.weights}
+    extra = [layer.name for layer in source.layers
+             if layer.weights and layer.name not in wanted and layer.name != "predictions"]
+    if extra:
+        raise UserError(f"{source_name} has layers that {target.name} lacks (e.g. "
+                        f"{extra[0]!r}), so it is a different architecture")
     copied = 0
     for layer in target.layers:
         if not layer.weights or layer.name == "predictions":
@@ -511,7 +525,9 @@ def _add_weight_decay(model, weight_decay):
         return
     for layer in model.layers:
         kernel = getattr(layer, "kernel", None)
-        if isinstance(layer, keras.layers.Conv2D | keras.layers.Dense) and kernel is not None:
+        # Frozen-by-design layers (input normalisation, option-A shortcuts) are skipped.
+        if (isinstance(layer, keras.layers.Conv2D | keras.layers.Dense) and layer.trainable
+                and kernel is not None):
             kernel.regularizer = keras.regularizers.L2(weight_decay / 2)
 
 
@@ -530,16 +546,19 @@ def make_schedule(kind: str, learning_rate: float, *, total_steps: int, warmup_s
                 0.0, max(total_steps - warmup_steps, 1), warmup_target=learning_rate,
                 warmup_steps=warmup_steps)
         return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
-    boundaries, values = [], [learning_rate]
+    # PiecewiseConstantDecay switches after a boundary step, so a change meant for step
+    # (0-based) k sits at boundary k - 1.
+    starts, values = [], [learning_rate]
     if warmup_steps:
-        boundaries, values = [warmup_steps], [learning_rate / 10, learning_rate]
+        starts, values = [warmup_steps], [learning_rate / 10, learning_rate]
     if kind == "step":
         for fraction in STEP_BOUNDARIES:
-            step = max(int(total_steps * fraction), (boundaries[-1] + 1) if boundaries else 1)
-            boundaries.append(step)
+            start = max(int(total_steps * fraction), (starts[-1] + 1) if starts else 1)
+            starts.append(start)
             values.append(values[-1] / 10)
-    if not boundaries:
+    if not starts:
         return learning_rate
+    boundaries = [start - 1 for start in starts]
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
@@ -846,7 +865,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     epochs = resolved["epochs"]
     resolved.update({
         "replicas": replicas, "per_replica_batch_size": batch // replicas,
-        "strategy_resolved": type(strategy).__name__, "mixed_precision_resolved": mixed,
+        "strategy_resolved": strategy_name(strategy), "mixed_precision_resolved": mixed,
         "jit_compile_resolved": jit, "steps_per_epoch_resolved": steps,
         "train_images": bundle.train_size, "val_images": bundle.val_size,
         "skipped_images": len(bundle.skipped), "cached_in_memory": bundle.cached,
@@ -883,10 +902,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     done = state["epoch"]
     if done:
         print(f"resuming {run_dir} after epoch {done}/{epochs}", flush=True)
-    # The data stream continues exactly where the completed steps left it.
-    full_steps = bundle.steps_per_epoch(batch) or 1
-    data_epoch, offset = divmod(done * steps, full_steps)
-    train_ds = bundle.epochs(data_epoch).skip(offset).map(one_hot)
     freeze = resolved["freeze_backbone_epochs"]
     phases = [(0, freeze, True), (freeze, epochs, False)] if freeze else [(0, epochs, False)]
     # A checkpoint is restored into the phase (head-only or whole network) that saved it,
@@ -916,9 +931,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
             if chief:
                 callbacks.append(keras.callbacks.TensorBoard(
                     os.path.join(run_dir, "logs"), write_graph=False, profile_batch=0))
-            model.fit(train_ds, epochs=last, initial_epoch=begin, steps_per_epoch=steps,
-                      validation_data=val_ds, callbacks=callbacks, verbose=verbose,
-                      shuffle=False)
+            train_ds = _stream(bundle, begin, steps, batch, one_hot)
+            with warnings.catch_warnings():
+                # Validation sets that skip undecodable files have no known length, and
+                # Keras warns "ran out of data" at their (normal) end.
+                warnings.filterwarnings("ignore", message="Your input ran out of data")
+                model.fit(train_ds, epochs=last, initial_epoch=begin, steps_per_epoch=steps,
+                          validation_data=val_ds, callbacks=callbacks, verbose=verbose,
+                          shuffle=False)
             if monitor.bad_step is not None:
                 bad_epoch, bad_batch = monitor.bad_step
                 kept = (f"the last good checkpoint (epoch {state['epoch']}) is kept in "
@@ -932,6 +952,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         done = max(done, last)
     _set_trainable(model, False, original, resolved["freeze_bn"])
     return _finish(model, state, resolved, run_dir, start, bundle, chief=chief)
+
+
+def _stream(bundle, epoch, steps, batch, one_hot):
+    """The training stream from ``epoch``: continues exactly where earlier steps left it."""
+    data_epoch, offset = divmod(epoch * steps, bundle.steps_per_epoch(batch) or 1)
+    return bundle.epochs(data_epoch).skip(offset).map(one_hot)
 
 
 def _restore(model, optimizer, run_dir, state):
