@@ -1,0 +1,246 @@
+"""keras_resnet.pipeline.quantize and tools/qat.py: tf_keras twin, QAT, int8 export.
+
+Importing tfmot switches ``tf.keras`` to tf_keras for the whole process, so everything that
+needs tfmot runs in a subprocess; the checks of bad input (all rejected before tfmot is
+imported) run in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from test_export import REPO, make_run
+
+# Bound on int8 vs QAT Keras agreement of top-1 predictions on validation images. The two
+# differ only by int8 rounding of BN-folded weights and requantization.
+MIN_AGREEMENT = 0.90
+
+
+def _python(code: str, *args: str, timeout: int = 600) -> str:
+    """Runs Python code in a fresh interpreter (tfmot stays out of this process)."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _tool(name: str, *flags: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / name), *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, cifar_small):
+    return make_run(tmp_path_factory.mktemp("runs"), cifar_small)
+
+
+@pytest.fixture(scope="module")
+def qat_run(run_dir):
+    """The run after ``tools/qat.py --epochs=1`` (one pass over 1,800 images)."""
+    result = _tool("qat.py", f"--model_dir={run_dir}", "--epochs=1", "--io=float32",
+                   "--agreement_samples=200")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result.stdout
+
+
+def test_qat_writes_models_and_report(qat_run):
+    run, stdout = qat_run
+    for name in ("model_qat.h5", "model_int8.tflite", "model_int8.json", "qat.json"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "qat.json").read_text())
+    assert report["twin_max_abs_logit_diff"] < 1e-4
+    assert "max |logit difference| vs Keras 3" in stdout
+    assert "op audit: builtin ops only, every conv/FC in int8" in stdout
+    handoff = json.loads((run / "model_int8.json").read_text())
+    assert handoff["input"]["shape"] == [1, 32, 32, 3]
+    assert handoff["input"]["range"] == [0, 255] and handoff["input"]["color"] == "RGB"
+
+
+def test_int8_agrees_with_qat_model_and_frozen_layers_stay_frozen(qat_run, cifar_small):
+    run, _ = qat_run
+    out = _python("""
+        import json, sys
+        import keras, numpy as np
+        from keras_resnet.pipeline import data, export, quantize
+        run, data_dir = sys.argv[1:]
+        model = keras.saving.load_model(f"{run}/model.keras")
+        val = data.eval_data("folder", data_dir, "val", 32, 100)
+        images, labels = quantize.take(val.dataset, 200)
+        qat = quantize.load_qat(f"{run}/model_qat.h5")
+        want = qat.predict(images, verbose=0)
+        got = export.LiteRTModel(open(f"{run}/model_int8.tflite", "rb").read()).predict(images)
+
+        def kernel(layer):
+            return [w.numpy() for w in layer.weights if w.name.endswith("kernel:0")][0]
+
+        frozen = {name: float(np.max(np.abs(
+            kernel(qat.get_layer(f"quant_{name}")) - model.get_layer(name).kernel.numpy())))
+            for name in ("preprocess", "conv3_block1_0_conv", "conv4_block1_0_conv")}
+        print(json.dumps({
+            "agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+            "max_diff": float(np.max(np.abs(got - want))), "range": float(np.ptp(want)),
+            "frozen": frozen}))
+    """, str(run), str(cifar_small))
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["agreement"] >= MIN_AGREEMENT, result
+    assert result["max_diff"] < 0.1 * result["range"], result
+    # The frozen input normalisation and option-A shortcuts were not fine-tuned.
+    assert all(v == 0.0 for v in result["frozen"].values()), result
+
+
+def test_export_verifies_qat_and_float_files(qat_run, tmp_path, capsys):
+    import export_tflite
+
+    from keras_resnet.pipeline import export
+
+    run = tmp_path / "run"
+    shutil.copytree(qat_run[0], run)
+    status = export_tflite.main(["export_tflite", f"--model_dir={run}",
+                                 "--modes=float32,qat_int8", "--eval_samples=200",
+                                 "--latency_runs=3", "--max_accuracy_drop=100"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "model_int8.tflite: tools/qat.py; audit passed" in out
+    for name, int8 in (("model_float32.tflite", False), ("model_int8.tflite", True)):
+        content = (run / name).read_bytes()
+        export.audit(content, int8=int8)
+        assert export.LiteRTModel(content).predict(
+            np.zeros((1, 32, 32, 3), "float32")).shape == (1, 10)
+
+
+_VARIANTS_SCRIPT = """
+    import json, sys
+    from pathlib import Path
+    import keras, numpy as np
+    import keras_resnet
+    from keras_resnet.pipeline import data, export, quantize
+
+    data_dir = sys.argv[1]
+    val = data.eval_data("folder", data_dir, "train", 32, 64)
+    images, _ = quantize.take(val.dataset, 64)
+    cases = {
+        # pre-activation basic blocks (Wide ResNet), identity and projection shortcuts
+        "wrn_16_8": dict(depths=(2, 1, 1), width_factor=1),
+        # pre-activation bottlenecks with SE, residual scaling and stochastic depth
+        "preact_resnet164": dict(depths=(1, 1, 1), se_ratio=0.25, residual_scale=0.5,
+                                 stochastic_depth=0.1),
+        # grouped 3x3 convs
+        "resnext50_32x4d": dict(depths=(1, 1, 1, 1)),
+    }
+    rng = np.random.default_rng(0)
+    results = {}
+    for variant, options in cases.items():
+        model = keras_resnet.resnet(variant=variant, classes=10, input_shape=(32, 32, 3),
+                                    include_preprocessing=True, classifier_activation=None,
+                                    **options)
+        for layer in model.layers:  # non-trivial BN statistics make the twin check real
+            if isinstance(layer, keras.layers.BatchNormalization):
+                g, b, m, v = layer.get_weights()
+                layer.set_weights([g * rng.uniform(0.5, 1.5, g.shape), rng.normal(0, .1, b.shape),
+                                   rng.normal(0, .1, m.shape), v * rng.uniform(0.5, 2, v.shape)])
+        run = quantize.Run(path=Path("."), labels=tuple("abcdefghij"), config=dict(
+            model=variant, model_options=options, num_classes=10, image_size=32))
+        twin, diff = quantize.build_twin(run, model, sample=images[:8])
+        qat = quantize.quantize_model(twin, variant=variant)
+        quantize.calibrate(qat, val.dataset, steps=1)
+        content = export.convert(qat, "qat_int8", io="uint8")
+        report = export.audit(content, int8=True)
+        want = qat.predict(images, verbose=0)
+        got = export.LiteRTModel(content).predict(images)
+        results[variant] = dict(
+            twin_diff=diff, ops=dict(report.ops), io=report.input_type,
+            agreement=float(np.mean(got.argmax(-1) == want.argmax(-1))),
+            max_diff=float(np.max(np.abs(got - want))), range=float(np.ptp(want)))
+    print(json.dumps(results))
+"""
+
+
+def test_preact_se_and_grouped_variants_quantize_to_int8(cifar_small):
+    out = _python(_VARIANTS_SCRIPT, str(cifar_small))
+    results = json.loads(out.strip().splitlines()[-1])
+    for variant, r in results.items():
+        assert r["twin_diff"] < 1e-4, (variant, r)
+        assert r["io"] == "UINT8", (variant, r)
+        # Every op is a builtin (audit passed) and no float MUL/ADD islands remain.
+        assert "DEQUANTIZE" not in r["ops"], (variant, r)
+        assert r["max_diff"] < 0.1 * r["range"], (variant, r)
+        assert r["agreement"] >= MIN_AGREEMENT - 0.1, (variant, r)  # random weights: ties
+    # Standalone (pre-activation) BN runs as an int8 1x1 depthwise conv; SE as int8 MUL.
+    assert results["wrn_16_8"]["ops"]["DEPTHWISE_CONV_2D"] >= 3
+    assert results["preact_resnet164"]["ops"]["LOGISTIC"] == 3
+    assert results["resnext50_32x4d"]["ops"]["CONV_2D"] >= 10
+
+
+def _qat_error(capsys, *flags) -> str:
+    import qat
+
+    assert qat.main(["qat", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_qat_bad_inputs(run_dir, tmp_path, capsys):
+    import keras
+
+    assert "does not exist" in _qat_error(capsys, f"--model_dir={tmp_path / 'none'}")
+    assert "--model_dir is required" in _qat_error(capsys)
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(run_dir, incomplete)
+    (incomplete / "model.keras").unlink()
+    assert "model.keras missing" in _qat_error(capsys, f"--model_dir={incomplete}")
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for name in ("model_qat.h5", "model_int8.tflite", "model_int8.json", "qat.json"):
+        (run / name).unlink(missing_ok=True)
+    (run / "model_qat.h5").write_bytes(b"")
+    assert "model_qat.h5 already exists; pass --overwrite" in _qat_error(
+        capsys, f"--model_dir={run}")
+    (run / "model_qat.h5").unlink()
+
+    inputs = keras.Input((32, 32, 3))
+    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(inputs))).save(
+        run / "model.keras")
+    assert "is not the resnet8 that config.json describes" in _qat_error(
+        capsys, f"--model_dir={run}")
+
+    config = json.loads((run / "config.json").read_text())
+    config.update(model="resnet1202", depth=None)
+    (run / "config.json").write_text(json.dumps(config))
+    err = _qat_error(capsys, f"--model_dir={run}")
+    assert "resnet1202 cannot be quantized" in err and "quadratic in the layer count" in err
+
+    shutil.copy(run_dir / "model.keras", run / "model.keras")
+    config.update(model="resnet8", depth=8)
+    (run / "config.json").write_text(json.dumps(config))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no class sub-folders" in _qat_error(capsys, f"--model_dir={run}",
+                                                f"--data_dir={empty}")
+
+
+def test_train_qat_export_end_to_end(tmp_path, cifar_small):
+    """tools/train.py -> tools/qat.py -> tools/export_tflite.py, as a user runs them."""
+    run = tmp_path / "run"
+    result = _tool("train.py", "--depth=8", "--dataset=folder", f"--data_dir={cifar_small}",
+                   "--epochs=1", "--batch_size=64", f"--model_dir={run}", "--verbose=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _tool("qat.py", f"--model_dir={run}", "--epochs=1", "--steps_per_epoch=8",
+                   "--calibration_steps=4", "--agreement_samples=100", "--io=uint8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = _tool("export_tflite.py", f"--model_dir={run}", "--modes=float32,ptq_int8,qat_int8",
+                   "--eval_samples=100", "--latency_runs=3", "--representative_samples=64",
+                   "--max_accuracy_drop=100")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| qat_int8 (model_int8.tflite) |" in result.stdout
+    handoff = json.loads((run / "model_int8.json").read_text())
+    assert handoff["input"]["dtype"] == "uint8"
+    assert handoff["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
