@@ -42,9 +42,9 @@ def run_dir(tmp_path_factory, cifar_small):
 
 @pytest.fixture(scope="module")
 def qat_run(run_dir):
-    """The run after ``tools/qat.py --epochs=1`` (one pass over 1,800 images)."""
-    result = _tool("qat.py", f"--model_dir={run_dir}", "--epochs=1", "--io=float32",
-                   "--agreement_samples=200")
+    """The run after ``tools/qat.py --epochs=1`` (12 fine-tuning steps of 64 images)."""
+    result = _tool("qat.py", f"--model_dir={run_dir}", "--epochs=1", "--steps_per_epoch=12",
+                   "--calibration_steps=8", "--io=float32", "--agreement_samples=200")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result.stdout
 

@@ -1,0 +1,332 @@
+"""tools/benchmark.py: every mode on tiny settings, the JSON report, and bad input.
+
+Keras measurements on the TensorFlow backend run in this process; compare (and other
+backends) start subprocesses. PyTorch is a benchmark-only extra (``.[bench]``): tests that
+need it are skipped without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_JAX = importlib.util.find_spec("jax") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (it is in "
+                                 "the bench extra only: pip install -e '.[bench]')")
+# The smallest timing that still exercises warm-up, windows and interleaving.
+TINY = ["--warmup=1", "--windows=2", "--steps=2"]
+# Golden trainable-parameter counts (DESIGN.md; torchvision's resnet50 has 25,557,032).
+RESNET20_PARAMS = 269_722
+RESNET50_PARAMS = 25_557_032
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _load_tool("benchmark")
+
+
+def run(capsys, tmp_path, *args):
+    """Runs the tool in this process; returns (status, report or None, stdout, stderr)."""
+    out_json = tmp_path / "report.json"
+    status = BENCH.main(["benchmark.py", *args, f"--output_json={out_json}"])
+    out, err = capsys.readouterr()
+    report = json.loads(out_json.read_text()) if status == 0 else None
+    return status, report, out, err
+
+
+def check_result(r, *, task, batch):
+    assert r["task"] == task and r["batch_size"] == batch
+    ips = r["images_per_sec"]
+    assert 0 < ips["min"] <= ips["median"] <= ips["max"]
+    assert len(r["window_images_per_sec"]) == r["windows"]
+    assert all(v > 0 for v in r["window_images_per_sec"])
+    assert r["step_ms"]["median"] > 0 and r["first_step_s"] > 0
+
+
+def check_report(report, mode):
+    assert report["mode"] == mode
+    machine = report["machine"]
+    assert machine["cpu_count"] >= 1 and machine["versions"]["keras"]
+    assert machine["versions"]["tensorflow"]
+    assert report["date"] and report["settings"]["windows"] >= 1
+
+
+def test_train_mode(capsys, tmp_path):
+    status, report, out, err = run(capsys, tmp_path, "train", "--depth=8", "--image_size=16",
+                                   "--batch_size=8", *TINY)
+    assert status == 0, err
+    check_report(report, "train")
+    (r,) = report["results"]
+    check_result(r, task="train", batch=8)
+    assert r["backend"] == "tensorflow" and r["model"] == "resnet8"
+    # The same builder as training: raw-pixel input, frozen preprocessing, trainable rest.
+    assert r["info"]["params_trainable"] < r["info"]["params_total"]
+    assert r["info"]["jit_compile"] is False  # tools/train.py's "auto" on a CPU
+    assert "images/s median" in out and "keras_resnet resnet8" in out
+
+
+def test_infer_mode_keras_and_tflite(capsys, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    import keras_resnet
+
+    model = keras_resnet.resnet(depth=8, input_shape=(16, 16, 3), include_preprocessing=True,
+                                classifier_activation=None)
+    model.save(tmp_path / "tiny.keras")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    (tmp_path / "tiny.tflite").write_bytes(converter.convert())
+    keras.backend.clear_session()
+
+    status, report, out, err = run(
+        capsys, tmp_path, "--mode=infer",
+        f"--model_file={tmp_path / 'tiny.keras'},{tmp_path / 'tiny.tflite'}",
+        "--batch_size=4", *TINY)
+    assert status == 0, err
+    check_report(report, "infer")
+    rows = {(r["name"], r["batch_size"]): r for r in report["results"]}
+    assert set(rows) == {(n, b) for n in ("tiny.keras (keras)", "tiny.tflite (LiteRT, 1 thr)",
+                                          "tiny.tflite (LiteRT, 2 thr)") for b in (1, 4)}
+    for (_, batch), r in rows.items():
+        check_result(r, task="infer", batch=batch)
+    assert rows[("tiny.tflite (LiteRT, 2 thr)", 1)]["info"]["threads"] == 2
+
+
+def test_infer_mode_built_model(capsys, tmp_path):
+    status, report, _, err = run(capsys, tmp_path, "infer", "--depth=8", "--image_size=8",
+                                 "--infer_batch_sizes=1,2", *TINY)
+    assert status == 0, err
+    assert [r["batch_size"] for r in report["results"]] == [1, 2]
+    for r in report["results"]:
+        check_result(r, task="infer", batch=r["batch_size"])
+
+
+def _jpeg_folder(root, classes=2, per_class=12):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.jpg")
+    return root
+
+
+def test_pipeline_mode_folder(capsys, tmp_path):
+    folder = _jpeg_folder(tmp_path / "images")
+    status, report, _, err = run(capsys, tmp_path, "pipeline", "--dataset=folder",
+                                 f"--data_dir={folder}", "--image_size=16", "--batch_size=4",
+                                 *TINY)
+    assert status == 0, err
+    check_report(report, "pipeline")
+    (r,) = report["results"]
+    check_result(r, task="pipeline", batch=4)
+    assert r["info"]["classes"] == 2 and r["info"]["augmentation"] == "cifar"
+    assert r["info"]["train_images"] + r["info"]["val_images"] == 24
+
+
+def test_pipeline_mode_synthetic(capsys, tmp_path):
+    status, report, _, err = run(capsys, tmp_path, "pipeline", "--dataset=synthetic",
+                                 "--image_size=8", "--batch_size=4", *TINY)
+    assert status == 0, err
+    check_result(report["results"][0], task="pipeline", batch=4)
+
+
+@pytest.mark.slow
+def test_memory_mode_folder(capsys, tmp_path):
+    status, report, out, err = run(capsys, tmp_path, "memory", "--memory_checks=folder",
+                                   "--memory_images=40,120", "--folder_source=synthetic",
+                                   "--batch_size=8", f"--work_dir={tmp_path}", *TINY)
+    assert status == 0, err
+    folder = report["memory"]["folder"]
+    assert [r["images"] for r in folder["folders"]] == [40, 120]
+    for r in folder["folders"]:
+        assert r["peak_rss_mib"] > 50 and r["images_per_sec"]["median"] > 0
+        assert r["info"]["cached_in_memory"] is False  # the check streams (budget 0)
+    assert isinstance(folder["within_10_percent"], bool)
+    assert "peak RSS grows" in out
+    assert not list(tmp_path.glob("benchmark_memory_*"))  # the work folder is removed
+
+
+@pytest.mark.slow
+def test_memory_mode_train(capsys, tmp_path):
+    status, report, out, err = run(capsys, tmp_path, "memory", "--memory_checks=train",
+                                   "--depth=8", "--batch_size=8", "--image_size=16",
+                                   "--memory_steps=2", f"--work_dir={tmp_path}")
+    assert status == 0, err
+    m = report["memory"]["train"]
+    assert m["peak_rss_mib"] > 100 and m["wall_s"] > 0
+    assert "--dataset=synthetic" in m["command"] and "tools/train.py" in out
+
+
+@needs_torch
+def test_compare_mode_pytorch(capsys, tmp_path):
+    status, report, out, err = run(
+        capsys, tmp_path, "compare", "--compare=pytorch", "--compare_models=resnet8",
+        "--backends=tensorflow", "--image_size=8", "--batch_size=4", "--tasks=train",
+        # One thread each: OpenMP teams stall badly on a loaded 2-core machine.
+        "--intra_op_threads=1", *TINY)
+    assert status == 0, err
+    check_report(report, "compare")
+    names = [r["name"] for r in report["results"]]
+    assert names == ["keras_resnet resnet8 [tensorflow]", "pytorch resnet8 [nchw]",
+                     "pytorch resnet8 [channels_last]"]
+    for r in report["results"]:
+        check_result(r, task="train", batch=4)
+    assert report["results"][1]["info"]["torch_threads"] == 1
+    assert {(r["task"], r["other"]) for r in report["ratios"]} == {
+        ("train", f"pytorch resnet8 [{f}]") for f in ("nchw", "channels_last")}
+    assert all(r["ratio_of_medians"] > 0 for r in report["ratios"])
+    (check,) = report["params"]["keras_resnet_vs_pytorch"]
+    assert check["equal"], check
+    assert "ratio (medians)" in out and "(equal)" in out
+
+
+@needs_torch
+@pytest.mark.parametrize("variant, golden", [("resnet20", RESNET20_PARAMS),
+                                             ("resnet50", RESNET50_PARAMS)])
+def test_pytorch_twins_have_keras_resnet_parameter_counts(variant, golden):
+    """The PyTorch twins match the golden counts that tests/test_models.py pins for
+    keras_resnet (and test_compare_mode_pytorch compares the two at run time)."""
+    import torch
+
+    from keras_resnet.pipeline import train
+
+    resolved = train.resolve(train.TrainConfig(model=variant, dataset="synthetic"))
+    classes = 10 if variant == "resnet20" else 1000
+    net = BENCH._torch_resnet(BENCH._torch_arch(resolved), classes)
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == golden
+    size = 32 if variant == "resnet20" else 64
+    with torch.no_grad():
+        assert tuple(net.eval()(torch.zeros(2, 3, size, size)).shape) == (2, classes)
+
+
+def test_models_without_a_pytorch_twin_are_refused():
+    from keras_resnet.pipeline import train
+
+    resolved = train.resolve(train.TrainConfig(model="resnet50v2", dataset="synthetic"))
+    with pytest.raises(BENCH.BenchError, match="no plain PyTorch twin"):
+        BENCH._torch_arch(resolved)
+
+
+def test_peak_rss_is_the_commands_own():
+    """Not the maximum over earlier children, nor this (TensorFlow-sized) process's RSS."""
+    import sys
+
+    import tensorflow as tf  # noqa: F401 - makes this process big, as in the other tests
+
+    touch = "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096])"
+    status, _, _, big, _ = BENCH._run_measured([sys.executable, "-c", touch], timeout=60)
+    assert status == 0 and big > 200
+    status, _, _, small, _ = BENCH._run_measured([sys.executable, "-c", "pass"], timeout=60)
+    assert status == 0 and small < 60
+    status, _, _, _, _ = BENCH._run_measured([sys.executable, "-c", "raise SystemExit(3)"],
+                                             timeout=60)
+    assert status == 3
+
+
+@pytest.mark.slow
+def test_compare_mode_applications(capsys, tmp_path):
+    status, report, _, err = run(
+        capsys, tmp_path, "compare", "--compare=applications", "--compare_models=resnet50",
+        "--backends=tensorflow", "--image_size=32", "--batch_size=2", "--classes=10",
+        "--tasks=infer", *TINY)
+    assert status == 0, err
+    names = [r["name"] for r in report["results"]]
+    assert names == ["keras_resnet resnet50 [tensorflow]",
+                     "keras.applications.ResNet50 [tensorflow]"]
+    (ratio,) = report["ratios"]
+    assert ratio["task"] == "infer" and ratio["ratio_of_medians"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_JAX, reason="jax is not installed")
+def test_train_mode_jax_backend_subprocess(capsys, tmp_path):
+    status, report, _, err = run(capsys, tmp_path, "train", "--depth=8", "--image_size=8",
+                                 "--batch_size=4", "--backend=jax", *TINY)
+    assert status == 0, err
+    (r,) = report["results"]
+    assert r["backend"] == "jax" and r["info"]["backend"] == "jax"
+    assert r["info"]["jit_compile"] is True
+    check_result(r, task="train", batch=4)
+
+
+def test_ratios_and_table_come_from_the_measurements():
+    def result(name, role, rates, backend="tensorflow"):
+        return {"name": name, "role": role, "group": "g", "task": "train",
+                "backend": backend, "batch_size": 2, "window_images_per_sec": rates,
+                "images_per_sec": {"median": sorted(rates)[1], "min": min(rates),
+                                   "max": max(rates)},
+                "step_ms": {"median": 1.0}, "first_step_s": 0.5,
+                "info": {"params_trainable": 10}}
+
+    results = [result("keras_resnet m [tensorflow]", "keras_resnet", [10.0, 20.0, 30.0]),
+               result("apps [tensorflow]", "applications", [5.0, 10.0, 60.0]),
+               result("apps [jax]", "applications", [1.0, 1.0, 1.0], backend="jax"),
+               result("pytorch m [nchw]", "pytorch_nchw", [20.0, 40.0, 60.0])]
+    ratios = {r["other"]: r for r in BENCH._ratios(results)}
+    assert set(ratios) == {"apps [tensorflow]", "pytorch m [nchw]"}  # same backend only
+    assert ratios["apps [tensorflow]"]["ratio_of_medians"] == 2.0
+    assert ratios["apps [tensorflow]"]["paired_window_ratio_median"] == 2.0
+    assert ratios["pytorch m [nchw]"]["ratio_of_medians"] == 0.5
+    params = BENCH._params(results)
+    assert params["keras_resnet_vs_pytorch"] == [
+        {"group": "g", "keras_resnet": [10], "pytorch": [10], "equal": True}]
+    report = {"results": results, "ratios": list(ratios.values()), "params": params,
+              "machine": {"machine": "x86_64", "cpus_usable": 2}}
+    text = BENCH.format_report(report)
+    assert "2.000" in text and "0.500" in text and "(equal)" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--model=resnet9000"], "not a known ResNet"),
+    (["train"], "--model"),
+    (["fly"], "mode 'fly' is not valid"),
+    ([], "give a mode"),
+    (["train", "--depth=8", "--backend=theano"], "backend='theano' is not valid"),
+    (["train", "--depth=8", "--windows=0"], "--windows must be at least 1"),
+    (["train", "--depth=8", "--precision=float16"], "precision='float16' is not valid"),
+    (["infer", "--model_file=missing.keras"], "does not exist"),
+    (["infer", "--model_file=model.h5"], "must be a .keras or .tflite file"),
+    (["pipeline", "--dataset=folder"], "needs --data_dir"),
+    (["compare", "--compare=timm"], "compare='timm' is not valid"),
+    (["memory", "--memory_images=5000"], "at least two folder sizes"),
+    (["train", "--nope=1"], "nope"),
+])
+def test_bad_input_is_one_error_line(capsys, tmp_path, args, message):
+    status = BENCH.main(["benchmark.py", *args, f"--work_dir={tmp_path}"])
+    out, err = capsys.readouterr()
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_missing_torch_says_how_to_install(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(BENCH, "_torch_available", lambda: False)
+    for args in (["compare", "--compare=pytorch", "--compare_models=resnet20"],
+                 ["train", "--depth=8", "--backend=torch"]):
+        status = BENCH.main(["benchmark.py", *args])
+        _, err = capsys.readouterr()
+        assert status == 2 and "pip install -e '.[bench]'" in err, err
+
+
+def test_help_lists_modes(capsys):
+    assert BENCH.main(["benchmark.py", "--help"]) == 0
+    out = capsys.readouterr().out
+    for mode in BENCH.MODES:
+        assert mode in out
+    assert os.path.basename(BENCH.THIS) == "benchmark.py"
