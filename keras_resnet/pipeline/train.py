@@ -341,7 +341,8 @@ def strategy_name(strategy: tf.distribute.Strategy) -> str:
     """The public tf.distribute name of ``strategy`` (its class may be an internal alias)."""
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return "MultiWorkerMirroredStrategy"
-    return type(strategy).__name__
+    name = type(strategy).__name__
+    return "DefaultStrategy" if name == "_DefaultDistributionStrategy" else name
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
