@@ -1188,6 +1188,7 @@ def _memory_train(work, train_args):
     run_dir = os.path.join(work, "train_run")
     cmd = [sys.executable, os.path.join(REPO, "tools", "train.py"), *model_args,
            "--dataset=synthetic", "--epochs=1", f"--steps_per_epoch={FLAGS.memory_steps}",
+           "--warmup_epochs=0",  # one short epoch: the ImageNet recipe's 5 would not fit
            f"--model_dir={run_dir}", "--verbose=false", *extra]
     print("  running " + " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
     status, out, err, peak, wall = _run_measured(cmd, timeout=FLAGS.worker_timeout)
