@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tarfile
 from pathlib import Path
 
@@ -12,6 +13,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
+# The tools are scripts, not a package: tests import them (and their _cli helper) by name.
+sys.path.insert(0, str(REPO / "tools"))
 CIFAR_TAR = Path(
     os.environ.get("KERAS_RESNET_CIFAR_TAR", REPO.parent / "shared/datasets/cifar10/train.tar.gz")
 )

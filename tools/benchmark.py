@@ -81,6 +81,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # default (AMD, AVX2-only); see BUILD.md "Performance".
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+import _cli  # noqa: E402
 from absl import flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,11 +170,6 @@ _string("output_json", None, "write every figure here as JSON.")
 
 class BenchError(Exception):
     """A problem with what was asked for, said in one sentence (printed as ``error: ...``)."""
-
-
-def _error(message: str, status: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return status
 
 
 def _first_line(e: BaseException) -> str:
@@ -1406,27 +1402,23 @@ RUNS = {"train": run_train, "infer": run_infer, "pipeline": run_pipeline,
 
 def main(argv: list[str]) -> int:
     """Parses flags and runs one mode; returns the exit status (2 for bad input)."""
-    FLAGS.unparse_flags()
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip() + "\n\nFlags:\n" + FLAGS.get_help())
-        return 0
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        return _error(str(e))
+    # Positionals are checked here: the mode may come first, once.
+    status, rest = _cli.parse(FLAGS, argv, doc=__doc__, max_positional=len(argv))
+    if status is not None:
+        return status
     mode = FLAGS.mode
-    if len(rest) > 2 or (len(rest) == 2 and mode not in (None, rest[1])):
-        return _error(f"unexpected arguments {rest[1:]}; give the mode once, then "
-                      "--name=value flags")
-    if len(rest) == 2:
-        mode = rest[1]
+    if len(rest) > 1 or (rest and mode not in (None, rest[0])):
+        return _cli.error(f"unexpected arguments {rest}; give the mode once, then "
+                          "--name=value flags")
+    if rest:
+        mode = rest[0]
     if mode == "_worker":
         return _worker_main()
     if mode is None:
-        return _error(f"give a mode: {', '.join(MODES)} (e.g. benchmark.py train "
+        return _cli.error(f"give a mode: {', '.join(MODES)} (e.g. benchmark.py train "
                       "--depth=20)")
     if mode not in MODES:
-        return _error(f"mode {mode!r} is not valid; choose one of {', '.join(MODES)}")
+        return _cli.error(f"mode {mode!r} is not valid; choose one of {', '.join(MODES)}")
     report = {"mode": mode,
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "machine": _machine(), "settings": _settings()}
@@ -1434,9 +1426,9 @@ def main(argv: list[str]) -> int:
         _check_common()
         report.update(RUNS[mode]())
     except _user_errors() as e:
-        return _error(_first_line(e) if not isinstance(e, BenchError) else str(e))
+        return _cli.error(_first_line(e) if not isinstance(e, BenchError) else str(e))
     except RuntimeError as e:
-        return _error(f"the benchmark failed: {_first_line(e)}", status=1)
+        return _cli.error(f"the benchmark failed: {_first_line(e)}", status=1)
     report["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     print(format_report(report), flush=True)
     if FLAGS.output_json:

@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # default (AMD, AVX2-only); see BUILD.md "Performance".
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+import _cli  # noqa: E402
 from absl import flags  # noqa: E402
 
 # Own flag registry: both tools can then be imported into one process (tests).
@@ -49,25 +50,13 @@ _string("confusion_png", None, "confusion-matrix image (default: next to "
         "--output_json, else next to the model).")
 
 
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2
-
-
 def main(argv: list[str]) -> int:
     """Parses flags and evaluates; returns the exit status (2 for bad input)."""
-    FLAGS.unparse_flags()
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip() + "\n\nFlags:\n" + FLAGS.get_help())
-        return 0
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        return _error(str(e))
-    if len(rest) > 1:
-        return _error(f"unexpected arguments {rest[1:]}; options are --name=value flags")
+    status, _ = _cli.parse(FLAGS, argv, doc=__doc__)
+    if status is not None:
+        return status
     if not FLAGS.model:
-        return _error("--model is required (a .keras or .tflite file)")
+        return _cli.error("--model is required (a .keras or .tflite file)")
     from keras_resnet.pipeline import data, evaluate
 
     try:
@@ -92,7 +81,7 @@ def main(argv: list[str]) -> int:
         labels = evaluate.run_labels(FLAGS.model) if same_data else None
         results = evaluate.evaluate(predictor, split, labels=labels)
     except data.UserError as e:
-        return _error(str(e))
+        return _cli.error(str(e))
 
     if FLAGS.confusion_png:
         png = FLAGS.confusion_png

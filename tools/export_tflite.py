@@ -42,6 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # default (AMD, AVX2-only); see BUILD.md "Performance".
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+import _cli  # noqa: E402
 from absl import flags  # noqa: E402
 
 # Own flag registry: several tools can then be imported in one process (tests).
@@ -68,11 +69,6 @@ flags.DEFINE_integer("latency_runs", 50, "timed single-image runs per thread cou
 flags.DEFINE_float("max_accuracy_drop", 1.0, "largest allowed top-1 drop (points) of an int8 "
                    "file below the Keras float model.", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "replace existing output files.", flag_values=FLAGS)
-
-
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _log(message: str) -> None:
@@ -200,21 +196,17 @@ def export_run() -> int:
 
 def main(argv: list[str]) -> int:
     """Parses flags and exports; returns the exit status (2 for bad input)."""
-    FLAGS.unparse_flags()
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        return _error(str(e))
-    if len(rest) > 1:
-        return _error(f"unexpected arguments {rest[1:]}; options are --name=value flags")
+    status, _ = _cli.parse(FLAGS, argv)
+    if status is not None:
+        return status
     if not FLAGS.model_dir:
-        return _error("--model_dir is required: the run folder tools/train.py wrote")
+        return _cli.error("--model_dir is required: the run folder tools/train.py wrote")
     from keras_resnet.pipeline.data import UserError
 
     try:
         return export_run()
     except UserError as e:
-        return _error(str(e))
+        return _cli.error(str(e))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # default (AMD, AVX2-only); see BUILD.md "Performance".
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+import _cli  # noqa: E402
 from absl import flags  # noqa: E402
 
 # Own flag registry: several tools can then be imported in one process (tests).
@@ -60,11 +61,6 @@ flags.DEFINE_string("verbose", "auto", "Keras progress bar: auto (on a terminal)
                     "false.", flag_values=FLAGS)
 
 OUTPUTS = ("model_qat.h5", "model_int8.tflite", "model_int8.json", "qat.json")
-
-
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _log(message: str) -> None:
@@ -152,21 +148,17 @@ def run_qat() -> dict:
 
 def main(argv: list[str]) -> int:
     """Parses flags and runs QAT; returns the exit status (2 for bad input)."""
-    FLAGS.unparse_flags()
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        return _error(str(e))
-    if len(rest) > 1:
-        return _error(f"unexpected arguments {rest[1:]}; options are --name=value flags")
+    status, _ = _cli.parse(FLAGS, argv)
+    if status is not None:
+        return status
     if not FLAGS.model_dir:
-        return _error("--model_dir is required: the run folder tools/train.py wrote")
+        return _cli.error("--model_dir is required: the run folder tools/train.py wrote")
     from keras_resnet.pipeline.data import UserError
 
     try:
         run_qat()
     except UserError as e:
-        return _error(str(e))
+        return _cli.error(str(e))
     return 0
 
 

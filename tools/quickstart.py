@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import _cli
 from absl import flags
 
 FLAGS = flags.FlagValues()
@@ -41,15 +42,9 @@ def _tool(name: str, *args: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if len(rest) > 1:
-        print(f"error: unexpected arguments {rest[1:]}; options are --name=value flags",
-              file=sys.stderr)
-        return 2
+    status, _ = _cli.parse(FLAGS, argv)
+    if status is not None:
+        return status
     run = Path(FLAGS.model_dir)
     start = time.perf_counter()
     _tool("train.py", "--depth=20", "--dataset=digits", f"--epochs={FLAGS.epochs}",

@@ -30,6 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # default (AMD, AVX2-only); see BUILD.md "Performance".
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
+import _cli  # noqa: E402
 from absl import flags  # noqa: E402
 
 # Own flag registry: both tools can then be imported into one process (tests).
@@ -102,23 +103,11 @@ _CONFIG_FLAGS = (
 )
 
 
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    return 2
-
-
 def main(argv: list[str]) -> int:
     """Parses flags and trains; returns the exit status (2 for bad input)."""
-    FLAGS.unparse_flags()
-    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip() + "\n\nFlags:\n" + FLAGS.get_help())
-        return 0
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        return _error(str(e))
-    if len(rest) > 1:
-        return _error(f"unexpected arguments {rest[1:]}; options are --name=value flags")
+    status, _ = _cli.parse(FLAGS, argv, doc=__doc__)
+    if status is not None:
+        return status
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     from keras_resnet.pipeline import train
@@ -127,14 +116,14 @@ def main(argv: list[str]) -> int:
     try:
         options = json.loads(FLAGS.model_options) if FLAGS.model_options else {}
     except json.JSONDecodeError as e:
-        return _error(f"--model_options is not valid JSON ({e})")
+        return _cli.error(f"--model_options is not valid JSON ({e})")
     if values["model_dir"] is None:
         name = values["model"] or f"resnet{values['depth']}"
         values["model_dir"] = os.path.join("runs", f"{name}_{values['dataset'] or 'default'}")
     try:
         metrics = train.train(train.TrainConfig(model_options=options, **values))
     except train.UserError as e:
-        return _error(str(e))
+        return _cli.error(str(e))
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume after the last completed "
               "epoch", file=sys.stderr, flush=True)
