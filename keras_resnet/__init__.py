@@ -5,6 +5,7 @@ Example:
     >>> model = keras_resnet.ResNet50()
     >>> cifar = keras_resnet.resnet(depth=20)            # CIFAR ResNet-20, 10 classes
     >>> custom = keras_resnet.resnet(variant="resnet50d", se_ratio=1 / 16)
+    >>> trained = keras_resnet.ResNet20(weights="cifar10")  # shipped CIFAR-10 weights
 """
 
 from keras_resnet.blocks import (
@@ -48,11 +49,20 @@ from keras_resnet.models import (
     feature_model,
     resnet,
 )
-from keras_resnet.weights import load_h5_by_name, transfer_weights
+from keras_resnet.weights import (
+    CIFAR10_CLASSES,
+    PRETRAINED,
+    load_h5_by_name,
+    save_by_name,
+    transfer_weights,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CIFAR10_CLASSES",
+    "PRETRAINED",
+    "save_by_name",
     "VARIANTS",
     "ResNetConfig",
     "config_for_depth",

@@ -197,14 +197,23 @@ VARIANTS: dict[str, ResNetConfig] = {
 }
 
 
-def get_config(variant: str) -> ResNetConfig:
-    """Looks up a named variant, with an error that lists the valid names."""
-    key = variant.lower().replace("-", "_")
+def resolve_variant(variant: str) -> tuple[str, ResNetConfig]:
+    """``(key, config)`` of a named variant; names are case- and dash-insensitive.
+
+    Raises:
+        ValueError: an unknown name, listing the valid ones.
+    """
+    key = str(variant).lower().replace("-", "_")
     if key not in VARIANTS:
         raise ValueError(
             f"variant={variant!r} is not a known ResNet; choose one of {', '.join(VARIANTS)}"
         )
-    return VARIANTS[key]
+    return key, VARIANTS[key]
+
+
+def get_config(variant: str) -> ResNetConfig:
+    """Looks up a named variant, with an error that lists the valid names."""
+    return resolve_variant(variant)[1]
 
 
 def config_for_depth(depth: int) -> tuple[str, ResNetConfig]:

@@ -21,7 +21,7 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 def resnet(depth: int | None = None, *, variant: str | None = None,
            config: ResNetConfig | None = None, include_top: bool = True, weights=None,
            input_tensor=None, input_shape=None, pooling=None, classes: int | None = None,
-           classifier_activation="softmax", include_preprocessing: bool = False,
+           classifier_activation="softmax", include_preprocessing: bool | None = None,
            name: str | None = None, **options):
     """Builds any ResNet of the family as a functional keras.Model.
 
@@ -35,7 +35,9 @@ def resnet(depth: int | None = None, *, variant: str | None = None,
         config: a ResNetConfig, for architectures outside the table.
         include_top: end with global average pooling and a ``predictions`` Dense layer.
         weights: None (random), "imagenet" (keras.applications' published weights, for
-            resnet50/101/152 and their v2) or the path of a weights file.
+            resnet50/101/152 and their v2), "cifar10" (weights shipped in this package,
+            trained by tools/train.py, for the variants of ``keras_resnet.PRETRAINED``;
+            raw 0..255 RGB input, normalised inside) or the path of a weights file.
         input_tensor: optional Keras tensor to use as the image input.
         input_shape: (height, width, 3); default (224, 224, 3) or (32, 32, 3) with a top,
             (None, None, 3) without.
@@ -44,7 +46,7 @@ def resnet(depth: int | None = None, *, variant: str | None = None,
         classifier_activation: activation of the top; None returns logits.
         include_preprocessing: take raw 0..255 RGB pixels and normalise inside the model
             (a frozen 1x1 conv: exact, stock, quantizable), so exported models need no
-            preprocessing code.
+            preprocessing code. Default: on for shipped weights ("cifar10"), else off.
         name: model name; default the variant name.
         **options: any ResNetConfig field overriding the variant, e.g. ``se_ratio=1/16``,
             ``stochastic_depth=0.1``, ``zero_init_residual=True``, ``width_factor=2``.
@@ -63,9 +65,18 @@ def resnet(depth: int | None = None, *, variant: str | None = None,
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r} is not valid; choose one of None, 'avg', 'max'")
     keras = blocks.library()
+    shipped = None
     if weights == "imagenet":
         weights_lib.check_imagenet(variant, include_top=include_top, classes=classes)
         config = config.replace(keras_applications=True)
+    elif isinstance(weights, str) and weights in weights_lib.pretrained_names() + ("cifar10",):
+        shipped = weights_lib.check_pretrained(
+            variant, weights, include_top=include_top, classes=classes,
+            include_preprocessing=include_preprocessing)
+        include_preprocessing = True
+        if options:
+            raise ValueError(f"weights={weights!r} hold {variant} as it is; options "
+                             f"{sorted(options)} change the architecture")
     elif weights is not None:
         weights_lib.check_path(weights)
     classes = config.default_classes if classes is None else classes
@@ -100,6 +111,8 @@ def resnet(depth: int | None = None, *, variant: str | None = None,
 
     if weights == "imagenet":
         weights_lib.load_imagenet(model, variant, include_top=include_top)
+    elif shipped is not None:
+        weights_lib.load_pretrained(model, shipped)
     elif weights is not None:
         weights_lib.load_file(model, weights)
     return model
@@ -114,8 +127,7 @@ def _resolve(depth, variant, config) -> tuple[str, ResNetConfig]:
             raise ValueError(f"config must be a ResNetConfig, got {type(config).__name__}")
         return "resnet", config
     if variant is not None:
-        key = variant.lower().replace("-", "_")
-        return key, configs.get_config(key)
+        return configs.resolve_variant(variant)
     return configs.config_for_depth(depth)
 
 
@@ -267,6 +279,8 @@ def _constructor(variant: str, public_name: str):
     build.__name__ = build.__qualname__ = public_name
     imagenet = "; weights='imagenet' loads keras.applications' weights" if (
         variant in weights_lib.IMAGENET_WEIGHTS) else ""
+    for name in weights_lib.PRETRAINED.get(variant, {}):
+        imagenet += f"; weights={name!r} loads the {name} weights shipped in this package"
     build.__doc__ = (
         f"{public_name}: {config.reference}.\n\n"
         f"Same arguments as keras.applications constructors (see keras_resnet.resnet); "
@@ -292,5 +306,30 @@ CONSTRUCTORS = {
     "WRN16_8": "wrn_16_8", "WRN28_10": "wrn_28_10", "WRN40_4": "wrn_40_4",
 }
 
-_constructors = {public: _constructor(v, public) for public, v in CONSTRUCTORS.items()}
-globals().update(_constructors)
+ResNet18 = _constructor("resnet18", "ResNet18")
+ResNet34 = _constructor("resnet34", "ResNet34")
+ResNet50 = _constructor("resnet50", "ResNet50")
+ResNet101 = _constructor("resnet101", "ResNet101")
+ResNet152 = _constructor("resnet152", "ResNet152")
+ResNet200 = _constructor("resnet200", "ResNet200")
+ResNet50V2 = _constructor("resnet50v2", "ResNet50V2")
+ResNet101V2 = _constructor("resnet101v2", "ResNet101V2")
+ResNet152V2 = _constructor("resnet152v2", "ResNet152V2")
+ResNet50D = _constructor("resnet50d", "ResNet50D")
+ResNet101D = _constructor("resnet101d", "ResNet101D")
+SEResNet50 = _constructor("se_resnet50", "SEResNet50")
+SEResNet101 = _constructor("se_resnet101", "SEResNet101")
+WideResNet50_2 = _constructor("wide_resnet50_2", "WideResNet50_2")
+WideResNet101_2 = _constructor("wide_resnet101_2", "WideResNet101_2")
+ResNeXt50_32x4d = _constructor("resnext50_32x4d", "ResNeXt50_32x4d")
+ResNet20 = _constructor("resnet20", "ResNet20")
+ResNet32 = _constructor("resnet32", "ResNet32")
+ResNet44 = _constructor("resnet44", "ResNet44")
+ResNet56 = _constructor("resnet56", "ResNet56")
+ResNet110 = _constructor("resnet110", "ResNet110")
+ResNet1202 = _constructor("resnet1202", "ResNet1202")
+PreActResNet164 = _constructor("preact_resnet164", "PreActResNet164")
+PreActResNet1001 = _constructor("preact_resnet1001", "PreActResNet1001")
+WRN16_8 = _constructor("wrn_16_8", "WRN16_8")
+WRN28_10 = _constructor("wrn_28_10", "WRN28_10")
+WRN40_4 = _constructor("wrn_40_4", "WRN40_4")

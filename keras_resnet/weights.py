@@ -1,16 +1,55 @@
-"""Loading weights: keras.applications' published ImageNet files and local files.
+"""Weights: keras.applications' published ImageNet files, the weights shipped inside this
+package (``weights="cifar10"``), and local files.
 
 keras.applications stores its ResNet weights as legacy HDF5 files keyed by layer name.
 Our layers carry the same names, so one name-based mapping serves the published files,
-a keras.applications model in memory and a Keras 2 (tf_keras) twin of a model.
+the shipped files (written by :func:`save_by_name`), a keras.applications model in memory
+and a Keras 2 (tf_keras) twin of a model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
+
+# The usual CIFAR-10 label order (label ids 0..9).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """Weights shipped inside the package (``keras_resnet/pretrained/``).
+
+    Attributes:
+        file: the name-keyed HDF5 file (see :func:`save_by_name`).
+        sha256: its checksum, checked on every load.
+        classes: class names of the top, in output order.
+        image_size: the side of the square images it was trained on.
+        card: the JSON model card next to it (recipe, command, accuracy, machine).
+    """
+
+    file: str
+    sha256: str
+    classes: tuple[str, ...]
+    image_size: int
+    card: str
+
+    @property
+    def path(self) -> Path:
+        return PRETRAINED_DIR / self.file
+
+
+# variant -> weights name -> shipped weights. Models take raw 0..255 RGB pixels
+# (include_preprocessing=True) and were trained by tools/train.py; see README.md.
+PRETRAINED: dict[str, dict[str, Pretrained]] = {}
 
 BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 # variant -> (md5 of the file with top, md5 of the file without top), as keras.applications.
@@ -24,18 +63,94 @@ IMAGENET_WEIGHTS = {
 }
 
 
-def check_imagenet(variant: str, *, include_top: bool, classes: int | None) -> None:
-    """Validates a weights="imagenet" request before anything is built."""
+def check_imagenet(variant: str, *, include_top: bool, classes: int | None,
+                   argument: str = "weights") -> None:
+    """Validates a weights="imagenet" request (``argument`` names it) before any build."""
     if variant not in IMAGENET_WEIGHTS:
         raise ValueError(
-            f"weights='imagenet' is not available for {variant}; it exists for "
-            f"{', '.join(IMAGENET_WEIGHTS)} (use weights=None or a file path)"
+            f"{argument}='imagenet' is not available for {variant}; it exists for "
+            f"{', '.join(IMAGENET_WEIGHTS)} (use {argument}=None or a file path)"
         )
     if include_top and classes not in (None, 1000):
         raise ValueError(
-            f"weights='imagenet' with include_top=True needs classes=1000, got {classes}; "
+            f"{argument}='imagenet' with include_top=True needs classes=1000, got {classes}; "
             "pass include_top=False to put a new head on the ImageNet backbone"
         )
+
+
+def pretrained(variant: str, name: str) -> Pretrained | None:
+    """The shipped weights ``name`` of ``variant``, or None."""
+    return PRETRAINED.get(variant, {}).get(name)
+
+
+def pretrained_names() -> tuple[str, ...]:
+    return tuple(sorted({name for entries in PRETRAINED.values() for name in entries}))
+
+
+def check_pretrained(variant: str, name: str, *, include_top: bool, classes: int | None,
+                     include_preprocessing: bool | None) -> Pretrained:
+    """Validates a request for shipped weights before anything is built."""
+    entry = pretrained(variant, name)
+    if entry is None:
+        have = [v for v, entries in PRETRAINED.items() if name in entries]
+        raise ValueError(f"weights={name!r} is not available for {variant}; it exists for "
+                         f"{', '.join(have) or 'no variant'}")
+    if include_top and classes not in (None, len(entry.classes)):
+        raise ValueError(f"weights={name!r} with include_top=True needs classes="
+                         f"{len(entry.classes)}, got {classes}; pass include_top=False to "
+                         "put a new head on the pretrained backbone")
+    if include_preprocessing is False:
+        raise ValueError(f"weights={name!r} were trained on raw 0..255 pixels with the "
+                         "normalisation inside the model; leave include_preprocessing unset "
+                         "(or True)")
+    return entry
+
+
+def load_pretrained(model, entry: Pretrained) -> int:
+    """Loads shipped weights after checking their sha256; returns the layers set."""
+    try:
+        content = entry.path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"shipped weights {entry.path} cannot be read ({e.strerror}); "
+                         "reinstall keras_resnet") from None
+    digest = hashlib.sha256(content).hexdigest()
+    if digest != entry.sha256:
+        raise ValueError(f"shipped weights {entry.path} have sha256 {digest[:12]}..., "
+                         f"expected {entry.sha256[:12]}...; the file is damaged: reinstall "
+                         "keras_resnet")
+    return load_h5_by_name(model, entry.path)
+
+
+def save_by_name(model, path, *, dtype: str = "float16") -> str:
+    """Writes a model's weights as an HDF5 file keyed by layer name; returns its sha256.
+
+    The layout is keras.applications' (``/<layer>/<weight>``, ``weight_names`` attributes),
+    so :func:`load_h5_by_name` reads it into any model with the same layer names, with or
+    without the top. Weights are stored as ``dtype`` (float16 halves the file).
+    """
+    import h5py
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    with h5py.File(tmp, "w") as f:
+        f.attrs["layer_names"] = [layer.name.encode() for layer in model.layers
+                                  if layer.weights]
+        for layer in model.layers:
+            if not layer.weights:
+                continue
+            group = f.create_group(layer.name)
+            names = [f"{layer.name}/{w.path.split('/')[-1]}:{i}"
+                     for i, w in enumerate(layer.weights)]
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for name, value in zip(names, layer.get_weights(), strict=True):
+                group.create_dataset(name, data=np.asarray(value).astype(dtype))
+    os.replace(tmp, path)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_card(entry: Pretrained) -> dict:
+    """The model card of shipped weights (how they were trained and what they reach)."""
+    return json.loads((PRETRAINED_DIR / entry.card).read_text())
 
 
 def check_path(weights) -> None:
@@ -82,15 +197,16 @@ BUILDER_CONSTANTS = ("preprocess",)
 
 
 def assign_by_name(model, lookup: Callable[[str], Sequence[np.ndarray] | None], *,
-                   source: str) -> int:
-    """Sets every weighted layer of ``model`` from ``lookup(layer_name)``.
+                   source: str, skip: Sequence[str] = ()) -> int:
+    """Sets every weighted layer of ``model`` (but those named in ``skip``) from
+    ``lookup(layer_name)``.
 
     Raises if a layer is missing from the source or a shape differs, naming the layer:
     a silently half-loaded network is worse than an error. Returns the layers set.
     """
     count = 0
     for layer in model.layers:
-        if not layer.weights:
+        if not layer.weights or layer.name in skip:
             continue
         arrays = lookup(layer.name)
         if arrays is None and layer.name in BUILDER_CONSTANTS:
@@ -110,15 +226,46 @@ def assign_by_name(model, lookup: Callable[[str], Sequence[np.ndarray] | None], 
     return count
 
 
-def transfer_weights(source_model, target_model) -> int:
-    """Copies weights layer by layer by name (Keras 3 <-> keras.applications <-> tf_keras)."""
+def transfer_weights(source_model, target_model, *, skip: Sequence[str] = ()) -> int:
+    """Copies weights layer by layer by name (Keras 3 <-> keras.applications <-> tf_keras).
+
+    Layers of the target named in ``skip`` (e.g. a new head, "predictions") keep theirs.
+    """
     by_name = {layer.name: layer for layer in source_model.layers}
 
     def lookup(name):
         layer = by_name.get(name)
         return None if layer is None else layer.get_weights()
 
-    return assign_by_name(target_model, lookup, source=f"model {source_model.name!r}")
+    return assign_by_name(target_model, lookup, source=f"model {source_model.name!r}",
+                          skip=skip)
+
+
+def weight_shapes(model) -> dict[str, list[tuple[int, ...]]]:
+    """Layer name -> weight shapes, for every layer that has weights."""
+    return {layer.name: [tuple(w.shape) for w in layer.weights]
+            for layer in model.layers if layer.weights}
+
+
+def mismatch(model, reference, *, ignore: Sequence[str] = ()) -> str | None:
+    """How ``model``'s weighted layers differ from ``reference``'s, or None when they agree.
+
+    Names and weight shapes are compared (layers named in ``ignore`` are left out); the
+    answer completes a sentence about ``model``: "has layer(s) ... that <reference> lacks",
+    "lacks layer(s) ..." or "layer ... has weight shapes ..., expected ...".
+    """
+    got = {k: v for k, v in weight_shapes(model).items() if k not in ignore}
+    want = {k: v for k, v in weight_shapes(reference).items() if k not in ignore}
+    extra = sorted(set(got) - set(want))
+    if extra:
+        return f"has layer(s) {', '.join(extra[:3])} that {reference.name} lacks"
+    missing = sorted(set(want) - set(got))
+    if missing:
+        return f"lacks layer(s) {', '.join(missing[:3])}"
+    for name in want:
+        if got[name] != want[name]:
+            return f"layer {name!r} has weight shapes {got[name]}, expected {want[name]}"
+    return None
 
 
 def load_h5_by_name(model, path) -> int:
@@ -134,6 +281,7 @@ def load_h5_by_name(model, path) -> int:
             group = root[name]
             names = [n.decode() if isinstance(n, bytes) else n
                      for n in group.attrs.get("weight_names", [])]
-            return [np.asarray(group[n]) for n in names]
+            # Stored in float16 or float32; layers take their own dtype.
+            return [np.asarray(group[n]).astype("float32") for n in names]
 
         return assign_by_name(model, lookup, source=f"weights file {os.fspath(path)!r}")

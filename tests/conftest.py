@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+TEST_ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 REPO = Path(__file__).resolve().parents[1]
 # The tools are scripts, not a package: tests import them (and their _cli helper) by name.
@@ -48,3 +54,87 @@ def cifar_small(tmp_path_factory) -> Path:
     extract_cifar(root / "train", 200)
     extract_cifar(root / "val", 50, offset=4950)
     return root
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def tool(capsys, name: str, *args: str) -> tuple[int, str, str]:
+    """Runs ``tools/<name>.py`` in this process: ``(exit status, stdout, stderr)``."""
+    import importlib
+
+    module = importlib.import_module(name)
+    status = module.main([f"{name}.py", *args])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def tool_error(capsys, name: str, *args: str) -> str:
+    """Runs a tool that must fail on bad input: exit status 2 and one ``error:`` line."""
+    status, _, err = tool(capsys, name, *args)
+    err = err.strip()
+    assert status == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def tool_subprocess(name: str, *args: str, env: dict | None = None,
+                    timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs ``tools/<name>.py`` in a fresh interpreter (device or tfmot state stays out)."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *args],
+                          cwd=REPO, env=env or TEST_ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def python_subprocess(code: str, *args: str, timeout: int = 600) -> str:
+    """Runs Python code in a fresh interpreter; returns its stdout (fails on an error)."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO,
+                            env=TEST_ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="session")
+def cifar_run_template(tmp_path_factory, cifar_small) -> Path:
+    """A run folder as training writes it: ResNet-8 trained one epoch on ``cifar_small``.
+
+    model.keras (raw-pixel input, logits), config.json, labels.txt. Tests use
+    :func:`copy_run` to get a private copy.
+    """
+    import keras
+
+    import keras_resnet
+    from keras_resnet.pipeline import data
+
+    template = tmp_path_factory.mktemp("template_run")
+    keras.utils.set_random_seed(0)
+    bundle = data.load_data("folder", data_dir=str(cifar_small), image_size=32,
+                            batch_size=64, seed=0)
+    model = keras_resnet.resnet(depth=8, classes=bundle.num_classes, input_shape=(32, 32, 3),
+                                include_preprocessing=True, classifier_activation=None)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(bundle.train, epochs=1, verbose=0, shuffle=False)
+    model.save(template / "model.keras")
+    config = {"model": "resnet8", "depth": 8, "model_options": {},
+              "num_classes": bundle.num_classes, "image_size": 32, "dataset": "folder",
+              "data_dir": str(cifar_small), "val_fraction": 0.1, "seed": 0,
+              "batch_size": 64, "learning_rate": 0.05}
+    (template / "config.json").write_text(json.dumps(config, indent=1))
+    (template / "labels.txt").write_text("\n".join(bundle.class_names) + "\n")
+    return template
+
+
+def copy_run(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest)
+    return dest
+
+
+def litert_scores(content: bytes, images) -> np.ndarray:
+    """Float outputs of a .tflite flatbuffer on the LiteRT interpreter."""
+    from keras_resnet.pipeline.litert import LiteRTModel
+
+    return LiteRTModel(content).predict(images)

@@ -1,4 +1,5 @@
-"""tools/benchmark.py: every mode on tiny settings, the JSON report, and bad input.
+"""tools/benchmark.py and keras_resnet.benchmark: every mode on tiny settings, the JSON
+report, and bad input.
 
 Keras measurements on the TensorFlow backend run in this process; compare (and other
 backends) start subprocesses. PyTorch is a benchmark-only extra (``.[bench]``): tests that
@@ -7,14 +8,19 @@ need it are skipped without it.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
-import os
-from pathlib import Path
 
+import benchmark as benchmark_tool  # tools/benchmark.py (conftest puts tools/ on sys.path)
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from keras_resnet.benchmark import memory, modes, protocol, torch_twins
+from keras_resnet.benchmark.report import format_report
+from keras_resnet.benchmark.settings import Settings
+from keras_resnet.pipeline import config
+from keras_resnet.pipeline.errors import BenchmarkError
+
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed (it is in "
@@ -26,20 +32,10 @@ RESNET20_PARAMS = 269_722
 RESNET50_PARAMS = 25_557_032
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = _load_tool("benchmark")
-
-
 def run(capsys, tmp_path, *args):
     """Runs the tool in this process; returns (status, report or None, stdout, stderr)."""
     out_json = tmp_path / "report.json"
-    status = BENCH.main(["benchmark.py", *args, f"--output_json={out_json}"])
+    status = benchmark_tool.main(["benchmark.py", *args, f"--output_json={out_json}"])
     out, err = capsys.readouterr()
     report = json.loads(out_json.read_text()) if status == 0 else None
     return status, report, out, err
@@ -204,11 +200,9 @@ def test_pytorch_twins_have_keras_resnet_parameter_counts(variant, golden):
     keras_resnet (and test_compare_mode_pytorch compares the two at run time)."""
     import torch
 
-    from keras_resnet.pipeline import train
-
-    resolved = train.resolve(train.TrainConfig(model=variant, dataset="synthetic"))
+    resolved = config.resolve(config.TrainConfig(model=variant, dataset="synthetic"))
     classes = 10 if variant == "resnet20" else 1000
-    net = BENCH._torch_resnet(BENCH._torch_arch(resolved), classes)
+    net = torch_twins.torch_resnet(torch_twins.torch_arch(resolved), classes)
     assert sum(p.numel() for p in net.parameters() if p.requires_grad) == golden
     size = 32 if variant == "resnet20" else 64
     with torch.no_grad():
@@ -216,11 +210,9 @@ def test_pytorch_twins_have_keras_resnet_parameter_counts(variant, golden):
 
 
 def test_models_without_a_pytorch_twin_are_refused():
-    from keras_resnet.pipeline import train
-
-    resolved = train.resolve(train.TrainConfig(model="resnet50v2", dataset="synthetic"))
-    with pytest.raises(BENCH.BenchError, match="no plain PyTorch twin"):
-        BENCH._torch_arch(resolved)
+    resolved = config.resolve(config.TrainConfig(model="resnet50v2", dataset="synthetic"))
+    with pytest.raises(BenchmarkError, match="no plain PyTorch twin"):
+        torch_twins.torch_arch(resolved)
 
 
 def test_peak_rss_is_the_commands_own():
@@ -230,11 +222,11 @@ def test_peak_rss_is_the_commands_own():
     import tensorflow as tf  # noqa: F401 - makes this process big, as in the other tests
 
     touch = "x = bytearray(200 * 2**20); x[::4096] = b'1' * len(x[::4096])"
-    status, _, _, big, _ = BENCH._run_measured([sys.executable, "-c", touch], timeout=60)
+    status, _, _, big, _ = memory.run_measured([sys.executable, "-c", touch], timeout=60)
     assert status == 0 and big > 200
-    status, _, _, small, _ = BENCH._run_measured([sys.executable, "-c", "pass"], timeout=60)
+    status, _, _, small, _ = memory.run_measured([sys.executable, "-c", "pass"], timeout=60)
     assert status == 0 and small < 60
-    status, _, _, _, _ = BENCH._run_measured([sys.executable, "-c", "raise SystemExit(3)"],
+    status, _, _, _, _ = memory.run_measured([sys.executable, "-c", "raise SystemExit(3)"],
                                              timeout=60)
     assert status == 3
 
@@ -278,17 +270,16 @@ def test_ratios_and_table_come_from_the_measurements():
                result("apps [tensorflow]", "applications", [5.0, 10.0, 60.0]),
                result("apps [jax]", "applications", [1.0, 1.0, 1.0], backend="jax"),
                result("pytorch m [nchw]", "pytorch_nchw", [20.0, 40.0, 60.0])]
-    ratios = {r["other"]: r for r in BENCH._ratios(results)}
+    ratios = {r["other"]: r for r in protocol.ratios(results)}
     assert set(ratios) == {"apps [tensorflow]", "pytorch m [nchw]"}  # same backend only
     assert ratios["apps [tensorflow]"]["ratio_of_medians"] == 2.0
     assert ratios["apps [tensorflow]"]["paired_window_ratio_median"] == 2.0
     assert ratios["pytorch m [nchw]"]["ratio_of_medians"] == 0.5
-    params = BENCH._params(results)
+    params = protocol.param_checks(results)
     assert params["keras_resnet_vs_pytorch"] == [
         {"group": "g", "keras_resnet": [10], "pytorch": [10], "equal": True}]
-    report = {"results": results, "ratios": list(ratios.values()), "params": params,
-              "machine": {"machine": "x86_64", "cpus_usable": 2}}
-    text = BENCH.format_report(report)
+    text = format_report({"results": results, "ratios": list(ratios.values()), "params": params,
+                          "machine": {"machine": "x86_64", "cpus_usable": 2}})
     assert "2.000" in text and "0.500" in text and "(equal)" in text
 
 
@@ -298,7 +289,7 @@ def test_ratios_and_table_come_from_the_measurements():
     (["fly"], "mode 'fly' is not valid"),
     ([], "give a mode"),
     (["train", "--depth=8", "--backend=theano"], "backend='theano' is not valid"),
-    (["train", "--depth=8", "--windows=0"], "--windows must be at least 1"),
+    (["train", "--depth=8", "--windows=0"], "--windows=0 must be at least 1"),
     (["train", "--depth=8", "--precision=float16"], "precision='float16' is not valid"),
     (["infer", "--model_file=missing.keras"], "does not exist"),
     (["infer", "--model_file=model.h5"], "must be a .keras or .tflite file"),
@@ -308,7 +299,7 @@ def test_ratios_and_table_come_from_the_measurements():
     (["train", "--nope=1"], "nope"),
 ])
 def test_bad_input_is_one_error_line(capsys, tmp_path, args, message):
-    status = BENCH.main(["benchmark.py", *args, f"--work_dir={tmp_path}"])
+    status = benchmark_tool.main(["benchmark.py", *args, f"--work_dir={tmp_path}"])
     out, err = capsys.readouterr()
     assert status == 2
     lines = err.strip().splitlines()
@@ -316,17 +307,27 @@ def test_bad_input_is_one_error_line(capsys, tmp_path, args, message):
 
 
 def test_missing_torch_says_how_to_install(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(BENCH, "_torch_available", lambda: False)
+    monkeypatch.setattr(torch_twins, "torch_available", lambda: False)
     for args in (["compare", "--compare=pytorch", "--compare_models=resnet20"],
                  ["train", "--depth=8", "--backend=torch"]):
-        status = BENCH.main(["benchmark.py", *args])
+        status = benchmark_tool.main(["benchmark.py", *args])
         _, err = capsys.readouterr()
         assert status == 2 and "pip install -e '.[bench]'" in err, err
 
 
-def test_help_lists_modes(capsys):
-    assert BENCH.main(["benchmark.py", "--help"]) == 0
+def test_help_lists_modes_and_every_setting(capsys):
+    assert benchmark_tool.main(["benchmark.py", "--help"]) == 0
     out = capsys.readouterr().out
-    for mode in BENCH.MODES:
+    for mode in benchmark_tool.MODES:
         assert mode in out
-    assert os.path.basename(BENCH.THIS) == "benchmark.py"
+    fields = [f.name for f in dataclasses.fields(Settings)]
+    assert set(benchmark_tool.FLAGS) == {"mode", *fields}  # one flag per setting
+    for name in fields:
+        assert f"--{name}:" in out or f"--[no]{name}:" in out, name
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("resnet20", {"model": "resnet20"}), ("Wide-ResNet50-2", {"model": "wide_resnet50_2"}),
+    ("resnet8", {"depth": 8}), ("14", {"depth": 14}), ("nope", {"model": "nope"})])
+def test_compare_models_name_a_variant_or_a_depth(name, expected):
+    assert modes.model_or_depth(name) == expected

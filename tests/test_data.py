@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_resnet.pipeline import data
+from keras_resnet.pipeline import data, sources
+from keras_resnet.pipeline.errors import DataError
 
 
 def _write_images(root: Path, classes: dict[str, int], *, size=(40, 48), fmt="jpg", seed=0):
@@ -72,12 +73,12 @@ def test_validation_is_deterministic_and_train_epochs_are_a_function_of_seed():
 def test_carve_is_stratified_disjoint_and_seeded():
     paths = [f"f{i}" for i in range(300)]
     labels = [i % 3 for i in range(300)]
-    (tp, tl), (vp, vl) = data.carve(paths, labels, 0.2, seed=0)
+    (tp, tl), (vp, vl) = sources.carve(paths, labels, 0.2, seed=0)
     assert len(vp) == 60 and np.bincount(vl).tolist() == [20, 20, 20]
     assert not set(tp) & set(vp) and len(tp) + len(vp) == 300
-    assert data.carve(paths, labels, 0.2, seed=0)[1][0] == vp
-    assert data.carve(paths, labels, 0.2, seed=1)[1][0] != vp
-    assert data.carve(paths, labels, 0.0, seed=0)[1][0] == []
+    assert sources.carve(paths, labels, 0.2, seed=0)[1][0] == vp
+    assert sources.carve(paths, labels, 0.2, seed=1)[1][0] != vp
+    assert sources.carve(paths, labels, 0.0, seed=0)[1][0] == []
 
 
 def test_augmentation_styles():
@@ -106,7 +107,7 @@ def test_folder_flat_layout_carves_validation(tmp_path):
     # eval_data("val") with the same seed reproduces the run's validation images
     val = data.eval_data("folder", str(root), "val", 32, 4, val_fraction=0.25)
     np.testing.assert_array_equal(_images(val.dataset), _images(bundle.val))
-    with pytest.raises(data.UserError, match="no test/ folder"):
+    with pytest.raises(DataError, match="no test/ folder"):
         data.eval_data("folder", str(root), "test", 32, 4)
 
 
@@ -125,23 +126,23 @@ def test_folder_split_layout_large_images(tmp_path):
 
 
 def test_folder_bad_inputs(tmp_path):
-    with pytest.raises(data.UserError, match="needs --data_dir"):
+    with pytest.raises(DataError, match="needs data_dir"):
         data.load_data("folder", data_dir=None, image_size=32, batch_size=4)
-    with pytest.raises(data.UserError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         data.load_data("folder", data_dir=str(tmp_path / "nope"), image_size=32, batch_size=4)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(data.UserError, match="has no class sub-folders"):
+    with pytest.raises(DataError, match="has no class sub-folders"):
         data.load_data("folder", data_dir=str(tmp_path / "empty"), image_size=32,
                        batch_size=4)
     root = _write_images(tmp_path / "one_empty", {"a": 4})
     (root / "b").mkdir()
     (root / "b" / "notes.txt").write_text("not an image")
-    with pytest.raises(data.UserError, match=r"class folder .*b holds no images"):
+    with pytest.raises(DataError, match=r"class folder .*b holds no images"):
         data.load_data("folder", data_dir=str(root), image_size=32, batch_size=4)
     root = _write_images(tmp_path / "few", {"a": 2, "b": 2})
-    with pytest.raises(data.UserError, match="fewer than one batch of 64"):
+    with pytest.raises(DataError, match="fewer than one batch of 64"):
         data.load_data("folder", data_dir=str(root), image_size=32, batch_size=64)
-    with pytest.raises(data.UserError, match="val_fraction"):
+    with pytest.raises(DataError, match="val_fraction"):
         data.load_data("folder", data_dir=str(root), image_size=32, batch_size=1,
                        val_fraction=1.0)
 
@@ -163,7 +164,7 @@ def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path):
     assert len(_labels(bundle.train)) == 12  # the epoch runs; the corrupt file is dropped
     for f in (root / "b").iterdir():
         f.write_bytes(b"\xff\xd8 broken")
-    with pytest.raises(data.UserError, match=r"class folder .*b has no readable image"):
+    with pytest.raises(DataError, match=r"class folder .*b has no readable image"):
         data.load_data("folder", data_dir=str(root), image_size=32, batch_size=2)
 
 
@@ -211,16 +212,16 @@ def test_tfds_through_mock_data(cifar10_metadata):
         test = data.eval_data("cifar10", cifar10_metadata, "test", 32, 8)
         assert test.size == 20
         assert next(iter(test.dataset))[0].shape == (8, 32, 32, 3)
-        with pytest.raises(data.UserError, match="not available"):
+        with pytest.raises(DataError, match="not available"):
             data.eval_data("cifar10", cifar10_metadata, "nosuchsplit", 32, 8)
 
 
 def test_tfds_missing_data_fails_at_once(tmp_path):
     start = time.perf_counter()
-    with pytest.raises(data.UserError, match="is not prepared in .*nothing is downloaded"):
+    with pytest.raises(DataError, match="is not prepared in .*nothing is downloaded"):
         data.load_data("cifar10", data_dir=str(tmp_path), image_size=32, batch_size=8)
     assert time.perf_counter() - start < 20  # never the minutes-long offline download
-    with pytest.raises(data.UserError, match="neither folder, digits, synthetic nor a TFDS"):
+    with pytest.raises(DataError, match="neither folder, digits, synthetic nor a TFDS"):
         data.load_data("no_such_dataset_xyz", data_dir=str(tmp_path), image_size=32,
                        batch_size=8)
 

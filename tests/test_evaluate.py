@@ -1,28 +1,26 @@
-"""tools/evaluate.py: agrees with Keras model.evaluate; .keras and .tflite; bad input.
+"""evaluation and tools/evaluate.py: agrees with Keras model.evaluate; .keras, .tflite on
+LiteRT and MediaPipe; flip TTA; an evaluation folder on its own; bad input.
 
-Uses the ResNet-8 run that tests/test_export.py trains on real CIFAR-10 images.
+Uses the ResNet-8 run of ``cifar_run_template`` (conftest), trained on real CIFAR-10 images.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
-from test_export import make_run
+from conftest import copy_run, tool, tool_error
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, cifar_small):
-    return make_run(tmp_path_factory.mktemp("runs"), cifar_small)
+def run(tmp_path_factory, cifar_run_template):
+    return copy_run(cifar_run_template, tmp_path_factory.mktemp("runs") / "run")
 
 
 def _evaluate(capsys, *flags) -> tuple[int, str, str]:
-    import evaluate as evaluate_tool
-
-    status = evaluate_tool.main(["evaluate", *flags])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return tool(capsys, "evaluate", *flags)
 
 
 def test_keras_file_agrees_with_model_evaluate(run, cifar_small, capsys):
@@ -56,14 +54,21 @@ def test_keras_file_agrees_with_model_evaluate(run, cifar_small, capsys):
     assert (run / "eval_val_confusion_val.png").stat().st_size > 1000
 
 
-def test_tflite_file_uses_the_same_preprocessing(run, cifar_small, capsys, tmp_path):
-    import keras
+@pytest.fixture(scope="module")
+def exported(run):
+    """The run's float32 and uint8-I/O PTQ int8 files, with metadata, as export writes them."""
+    from keras_resnet import pipeline
 
-    from keras_resnet.pipeline import export
+    pipeline.export(run, modes=["float32"], eval_samples=64, latency_runs=1)
+    uint8 = run.parent / "uint8_run"
+    shutil.copytree(run, uint8)
+    pipeline.export(uint8, modes=["ptq_int8"], io="uint8", representative_samples=100,
+                    eval_samples=64, latency_runs=1)
+    return {"float32": run / "model_float32.tflite",
+            "uint8": uint8 / "model_ptq_int8.tflite"}
 
-    model = keras.saving.load_model(run / "model.keras")
-    tflite = run / "model_float32.tflite"
-    tflite.write_bytes(export.convert(model, "float32"))
+
+def test_tflite_file_uses_the_same_preprocessing(run, exported, capsys, tmp_path):
     results = {}
     for name in ("model.keras", "model_float32.tflite"):
         out_json = tmp_path / f"{name}.json"
@@ -73,10 +78,90 @@ def test_tflite_file_uses_the_same_preprocessing(run, cifar_small, capsys, tmp_p
         results[name] = json.loads(out_json.read_text())
     keras_result, tflite_result = results["model.keras"], results["model_float32.tflite"]
     assert tflite_result["format"] == "tflite" and keras_result["format"] == "keras"
+    assert tflite_result["runtime"] == "litert"
     # A float32 file computes the same logits up to float rounding: same predictions.
     assert tflite_result["top1"] == pytest.approx(keras_result["top1"], abs=0.004)
     assert np.abs(np.asarray(tflite_result["confusion_matrix"])
                   - np.asarray(keras_result["confusion_matrix"])).sum() <= 4
+
+
+@pytest.mark.parametrize("kind", ["float32", "uint8"])
+def test_mediapipe_and_litert_agree_on_real_images(exported, kind, capsys, tmp_path):
+    """MediaPipe Tasks' ImageClassifier, with no options, runs the exported files.
+
+    It names the classes from the embedded labels, and on the same 500 real CIFAR-10
+    images its top-1 equals the LiteRT interpreter's (both run the same kernels on the
+    same pixels: expected equal; the bound allows one image).
+    """
+    pytest.importorskip("mediapipe", reason="MediaPipe is installed with --no-deps "
+                                            "(README test command)")
+    from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier
+
+    path = exported[kind]
+    classifier = MediaPipeClassifier(path)
+    result = classifier.classify(np.zeros((32, 32, 3), np.uint8))
+    names = {c.category_name for c in result.classifications[0].categories}
+    assert names == set((path.parent / "labels.txt").read_text().split())
+    assert sum(c.score for c in result.classifications[0].categories) == pytest.approx(
+        1.0, abs=0.02)  # softmax scores: meaningful to threshold
+    classifier.close()
+    top1 = {}
+    for runtime in ("litert", "mediapipe"):
+        out_json = tmp_path / f"{runtime}.json"
+        status, out, err = _evaluate(capsys, f"--model={path}", "--split=val",
+                                     f"--runtime={runtime}", f"--output_json={out_json}")
+        assert status == 0, err
+        top1[runtime] = json.loads(out_json.read_text())["top1"]
+    assert f"tflite model on mediapipe, folder val (500 images): top-1 {top1['mediapipe']:.4f}" \
+        in out
+    assert abs(top1["mediapipe"] - top1["litert"]) <= 1 / 500, top1
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(run, capsys, tmp_path):
+    from keras_resnet import pipeline
+    from keras_resnet.pipeline import data, evaluation
+
+    plain = pipeline.evaluate(run / "model.keras", split="val", confusion_png=tmp_path / "a.png")
+    flip = pipeline.evaluate(run / "model.keras", split="val", tta="flip",
+                             confusion_png=tmp_path / "b.png")
+    assert flip["tta"] == "flip" and flip["images"] == plain["images"] == 500
+    # the same figure by hand: mean of the softmax of each image and its mirror
+    predictor = evaluation.load_predictor(run / "model.keras")
+    split = data.eval_data("folder", json.loads((run / "config.json").read_text())["data_dir"],
+                           "val", 32, 100)
+    hits = 0
+    for images, labels in split.dataset:
+        images = np.asarray(images)
+        p = (evaluation.probabilities(predictor(images))
+             + evaluation.probabilities(predictor(images[:, :, ::-1]))) / 2
+        hits += int((p.argmax(-1) == np.asarray(labels)).sum())
+    assert flip["top1"] == pytest.approx(hits / 500)
+    status, out, _ = _evaluate(capsys, f"--model={run / 'model.keras'}", "--split=val",
+                               "--tta=flip", f"--confusion_png={tmp_path / 'c.png'}")
+    assert status == 0 and "with flip TTA" in out
+
+
+def test_an_evaluation_folder_on_its_own(run, cifar_small, capsys, tmp_path):
+    """data_dir holding only test/<class>/ images: classes come from the run's labels."""
+    alone = tmp_path / "eval_set"
+    shutil.copytree(cifar_small / "val", alone / "test")
+    shutil.rmtree(alone / "test" / "truck")  # an evaluation set may lack a class
+    status, out, err = _evaluate(capsys, f"--model={run / 'model.keras'}", "--dataset=folder",
+                                 f"--data_dir={alone}", "--split=test",
+                                 f"--output_json={tmp_path / 'r.json'}")
+    assert status == 0, err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["images"] == 450 and result["class_names"][-1] == "truck"
+    assert result["per_class"]["truck"]["count"] == 0
+    # the messages where a split really is missing say so truly
+    err = tool_error(capsys, "evaluate", f"--model={run / 'model.keras'}", "--dataset=folder",
+                     f"--data_dir={alone}", "--split=val")
+    assert f"data_dir {alone} has test/ but no train/ folder, so there is no val split" in err
+    flat = tmp_path / "flat"
+    shutil.copytree(cifar_small / "val", flat)
+    err = tool_error(capsys, "evaluate", f"--model={run / 'model.keras'}", "--dataset=folder",
+                     f"--data_dir={flat}", "--split=test")
+    assert f"data_dir {flat} has no test/ folder, so there is no test split" in err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -85,6 +170,9 @@ def test_tflite_file_uses_the_same_preprocessing(run, cifar_small, capsys, tmp_p
     (["--model=MODEL", "--split=nonsense"], "nonsense"),
     (["--model=MODEL", "--dataset=folder", "--data_dir=/nonexistent"], "/nonexistent"),
     (["--model=MODEL", "--no_such_flag=1"], "no_such_flag"),
+    (["--model=MODEL", "--runtime=mediapipe"], "--runtime=mediapipe runs .tflite files"),
+    (["--model=MODEL", "--runtime=onnx"], "--runtime='onnx' is not valid"),
+    (["--model=MODEL", "--tta=crop"], "--tta='crop' is not valid; choose one of none, flip"),
 ])
 def test_bad_input_is_one_error_line(run, capsys, flags, message):
     flags = [f.replace("MODEL", str(run / "model.keras")) for f in flags]

@@ -1,117 +1,80 @@
-"""keras_resnet.pipeline.export and tools/export_tflite.py: conversion, op audit, LiteRT.
+"""Conversion, op audit and LiteRT (tflite, litert, exporting) and tools/export_tflite.py.
 
-A tiny CIFAR ResNet-8 is trained for one epoch on real CIFAR-10 images (``cifar_small``)
-and written as a run folder in the format of tools/train.py. Nothing here imports tfmot.
+A tiny CIFAR ResNet-8 trained for one epoch on real CIFAR-10 images (``cifar_run_template``
+in conftest) is the run folder. Nothing here imports tfmot.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-_TEMPLATES: dict[str, Path] = {}
-
-
-def make_run(root: Path, data_dir: Path, *, epochs: int = 1) -> Path:
-    """Trains ResNet-8 on ``data_dir`` (``train/`` and ``val/`` class folders) into a run.
-
-    Writes model.keras (raw-pixel input, logits), config.json and labels.txt as
-    tools/train.py does. Trained once per session; callers get a private copy.
-    """
-    key = str(data_dir)
-    if key not in _TEMPLATES:
-        import keras
-
-        import keras_resnet
-        from keras_resnet.pipeline import data
-
-        template = root / "template_run"
-        template.mkdir(parents=True)
-        keras.utils.set_random_seed(0)
-        bundle = data.load_data("folder", data_dir=str(data_dir), image_size=32,
-                                batch_size=64, seed=0)
-        model = keras_resnet.resnet(depth=8, classes=bundle.num_classes,
-                                    input_shape=(32, 32, 3), include_preprocessing=True,
-                                    classifier_activation=None)
-        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(bundle.train, epochs=epochs, verbose=0, shuffle=False)
-        model.save(template / "model.keras")
-        config = {"model": "resnet8", "depth": 8, "model_options": {},
-                  "num_classes": bundle.num_classes, "image_size": 32, "dataset": "folder",
-                  "data_dir": str(data_dir), "val_fraction": 0.1, "seed": 0,
-                  "batch_size": 64, "learning_rate": 0.05}
-        (template / "config.json").write_text(json.dumps(config, indent=1))
-        (template / "labels.txt").write_text("\n".join(bundle.class_names) + "\n")
-        _TEMPLATES[key] = template
-    run = root / f"run_{len(list(root.glob('run_*')))}"
-    shutil.copytree(_TEMPLATES[key], run)
-    return run
+from conftest import copy_run, litert_scores, tool, tool_error
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, cifar_small):
+def trained(cifar_run_template, cifar_small):
     """(run folder, Keras model, 64 validation images, their labels)."""
     import keras
 
     from keras_resnet.pipeline import data
 
-    run = make_run(tmp_path_factory.mktemp("runs"), cifar_small)
-    model = keras.saving.load_model(run / "model.keras")
+    model = keras.saving.load_model(cifar_run_template / "model.keras")
     val = data.eval_data("folder", str(cifar_small), "val", 32, 64)
     images, labels = next(iter(val.dataset))
-    return run, model, np.asarray(images), np.asarray(labels)
+    return cifar_run_template, model, np.asarray(images), np.asarray(labels)
 
 
 @pytest.fixture
-def run_copy(trained, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(trained[0], run)
-    return run
+def run_copy(cifar_run_template, tmp_path):
+    return copy_run(cifar_run_template, tmp_path / "run")
 
 
 def test_float32_export_matches_keras(trained):
-    from keras_resnet.pipeline import export
+    from keras_resnet.pipeline import exporting, tflite
 
     _, model, images, _ = trained
-    content = export.convert(model, "float32")
-    report = export.audit(content, int8=False)
+    content = tflite.convert(exporting.with_softmax(model), "float32")
+    report = tflite.audit(content, int8=False)
     assert report.input_type == "FLOAT32" and "CONV_2D" in report.ops
-    logits = export.LiteRTModel(content).predict(images)
-    np.testing.assert_allclose(logits, model.predict(images, verbose=0), atol=1e-4)
+    assert report.ends_in_softmax and report.num_outputs == 10
+    probabilities = litert_scores(content, images)
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probabilities,
+                               exporting.softmax(model.predict(images, verbose=0)), atol=1e-5)
 
 
 @pytest.mark.parametrize("io", ["float32", "uint8", "int8"])
 def test_ptq_int8_is_all_int8_and_close_to_keras(trained, io):
-    from keras_resnet.pipeline import export
+    from keras_resnet.pipeline import exporting, tflite
+    from keras_resnet.pipeline.litert import LiteRTModel
 
     _, model, images, _ = trained
-    content = export.convert(model, "ptq_int8", io=io, representative=images)
-    report = export.audit(content, int8=True)
+    content = tflite.convert(exporting.with_softmax(model), "ptq_int8", io=io,
+                             representative=images)
+    report = tflite.audit(content, int8=True)
     assert report.mac_types and all(t[1:] == ("INT8",) * 3 for t in report.mac_types)
-    assert report.input_type == io.upper()
-    runtime = export.LiteRTModel(content)
+    assert report.input_type == io.upper() and report.ends_in_softmax
+    runtime = LiteRTModel(content)
     if io != "float32":
         # Raw pixels calibrate to 0..255: the int8/uint8 input is the pixel, exactly.
         scale, zero = runtime.input["quantization"]
         assert scale == pytest.approx(1.0) and zero == (0 if io == "uint8" else -128)
-    want = model.predict(images, verbose=0)
+        # int8 softmax output: TFLite's fixed 1/256 steps
+        assert runtime.output["quantization"][0] == pytest.approx(1 / 256)
+    want = exporting.softmax(model.predict(images, verbose=0))
     got = runtime.predict(images)
-    # One epoch of training: logits span a few units; int8 keeps them within a few steps.
-    assert np.max(np.abs(got - want)) < 0.1 * np.ptp(want)
+    # Probabilities within a few 1/256 quantization steps; the same top class nearly always.
+    assert np.max(np.abs(got - want)) < 0.1
     assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.85
 
 
 def test_audit_fails_on_flex_op():
     import tensorflow as tf
 
-    from keras_resnet.pipeline import export
+    from keras_resnet.pipeline import tflite
 
     erf = tf.function(tf.math.erf, input_signature=[tf.TensorSpec([1, 4], tf.float32)])
     converter = tf.lite.TFLiteConverter.from_concrete_functions([erf.get_concrete_function()],
@@ -119,54 +82,66 @@ def test_audit_fails_on_flex_op():
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                            tf.lite.OpsSet.SELECT_TF_OPS]
     content = converter.convert()
-    assert "CUSTOM:FlexErf" in export.inspect(content).ops
-    with pytest.raises(export.ExportError, match="non-builtin op.*FlexErf"):
-        export.audit(content, int8=False, name="flex.tflite")
+    assert "CUSTOM:FlexErf" in tflite.inspect(content).ops
+    with pytest.raises(tflite.ExportError, match="non-builtin op.*FlexErf"):
+        tflite.audit(content, int8=False, name="flex.tflite")
 
 
 def test_convert_refuses_flex_ops():
     import keras
     import tensorflow as tf
 
-    from keras_resnet.pipeline import export
+    from keras_resnet.pipeline import tflite
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(tf.math.erf)(inputs))
-    with pytest.raises(export.ExportError, match="builtin ops only"):
-        export.convert(model, "float32")
+    with pytest.raises(tflite.ExportError, match="builtin ops only"):
+        tflite.convert(model, "float32")
 
 
 @pytest.mark.parametrize("mode", ["float32", "dynamic"])
 def test_audit_fails_on_float_conv_in_int8_file(trained, mode):
-    from keras_resnet.pipeline import export
+    from keras_resnet.pipeline import tflite
 
-    content = export.convert(trained[1], mode)
-    export.audit(content, int8=False)  # a fine float file ...
-    with pytest.raises(export.ExportError, match="CONV_2D with FLOAT32/"):
-        export.audit(content, int8=True, name=f"{mode}.tflite")  # ... but not int8
+    content = tflite.convert(trained[1], mode)
+    tflite.audit(content, int8=False)  # a fine float file ...
+    with pytest.raises(tflite.ExportError, match="CONV_2D with FLOAT32/"):
+        tflite.audit(content, int8=True, name=f"{mode}.tflite")  # ... but not int8
+
+
+def test_metadata_refuses_labels_that_do_not_fit(trained):
+    from keras_resnet.pipeline import exporting, metadata, tflite
+
+    content = tflite.convert(exporting.with_softmax(trained[1]), "float32")
+    for labels, message in ((list("abcdefghi"), "labels has 9 class names but the model has "
+                                                "10 outputs"),
+                            (["a", "b", "", *"cdefghi"], "non-empty single-line")):
+        with pytest.raises(metadata.MetadataError, match=message):
+            metadata.attach(content, labels=labels, variant="resnet8", description="test")
+    assert metadata.read(content) == {"metadata": None, "associated_files": [],
+                                      "labels": None}
 
 
 def test_convert_rejects_bad_requests(trained):
-    from keras_resnet.pipeline import export
+    from keras_resnet.pipeline import tflite
 
     model = trained[1]
-    with pytest.raises(export.ExportError, match="needs an int8 model"):
-        export.convert(model, "float16", io="uint8")
-    with pytest.raises(export.ExportError, match="representative images"):
-        export.convert(model, "ptq_int8", representative=np.zeros((0, 32, 32, 3)))
-    with pytest.raises(export.ExportError, match="mode='int4' is not valid"):
-        export.convert(model, "int4")
+    with pytest.raises(tflite.ExportError, match="needs an int8 model"):
+        tflite.convert(model, "float16", io="uint8")
+    with pytest.raises(tflite.ExportError, match="representative images"):
+        tflite.convert(model, "ptq_int8", representative=np.zeros((0, 32, 32, 3)))
+    with pytest.raises(tflite.ExportError, match="mode='int4' is not valid"):
+        tflite.convert(model, "int4")
 
 
 def test_cli_exports_verifies_and_hands_off(run_copy, capsys):
-    import export_tflite
+    from keras_resnet.pipeline import metadata, tflite
 
-    status = export_tflite.main(["export_tflite", f"--model_dir={run_copy}",
-                                 "--eval_samples=200", "--latency_runs=5",
-                                 "--representative_samples=100", "--io=uint8"])
-    out = capsys.readouterr().out
+    status, out, _ = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
+                          "--eval_samples=200", "--latency_runs=5",
+                          "--representative_samples=100", "--io=uint8")
     assert status == 0, out
-    assert "qat_int8 left out: run tools/qat.py first" in out
+    assert "qat_int8 left out: run qat first" in out
     for mode in ("float32", "float16", "dynamic", "ptq_int8"):
         assert (run_copy / f"model_{mode}.tflite").is_file()
         assert f"| {mode} (model_{mode}.tflite) |" in out
@@ -176,36 +151,43 @@ def test_cli_exports_verifies_and_hands_off(run_copy, capsys):
     assert handoff["labels"] == "labels.txt" and "quantization" in handoff["output"]
     summary = json.loads((run_copy / "export.json").read_text())
     float_row = next(r for r in summary["rows"] if r["name"].startswith("float32"))
-    assert float_row["max_diff"] <= 1e-4 and float_row["top1_change"] == 0.0
+    assert float_row["max_diff"] <= 1e-5 and float_row["top1_change"] == 0.0
+    assert handoff["validation_images"] == 200 and "softmax" in handoff["output"]["meaning"]
+    labels = (run_copy / "labels.txt").read_text().split()
+    for mode in ("float32", "float16", "dynamic", "ptq_int8"):
+        content = (run_copy / f"model_{mode}.tflite").read_bytes()
+        assert tflite.inspect(content).ends_in_softmax, mode
+        found = metadata.read(content)
+        assert found["labels"] == labels and found["associated_files"] == ["labels.txt"]
+        general = found["metadata"]
+        assert general["author"] == "keras_resnet" and general["license"] == "Apache-2.0"
+        assert general["name"] and general["version"] and "resnet8" in general["description"]
+        image = general["subgraph_metadata"][0]["input_tensor_metadata"][0]
+        assert image["process_units"][0]["options"] == {"mean": [0.0], "std": [1.0]}
+        assert image["content"]["content_properties"]["color_space"] == "RGB"
+        assert (image["stats"]["min"], image["stats"]["max"]) == ([0.0], [255.0])
+        scores = general["subgraph_metadata"][0]["output_tensor_metadata"][0]
+        assert scores["associated_files"][0]["type"] == "TENSOR_AXIS_LABELS"
 
     # Exporting again refuses to replace the files.
-    status = export_tflite.main(["export_tflite", f"--model_dir={run_copy}",
-                                 "--modes=float32"])
-    assert status == 2
-    assert "model_float32.tflite already exists; pass --overwrite" in capsys.readouterr().err
+    err = tool_error(capsys, "export_tflite", f"--model_dir={run_copy}", "--modes=float32")
+    assert "model_float32.tflite already exists; pass --overwrite" in err
 
 
 def test_cli_fails_when_int8_accuracy_drops(run_copy, capsys):
-    import export_tflite
-
     # A negative allowance turns any int8 file into a failure: exit status 1, not 2.
-    status = export_tflite.main(["export_tflite", f"--model_dir={run_copy}",
-                                 "--modes=ptq_int8", "--eval_samples=64", "--latency_runs=2",
-                                 "--max_accuracy_drop=-100"])
+    status, _, err = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
+                          "--modes=ptq_int8", "--eval_samples=64", "--latency_runs=2",
+                          "--max_accuracy_drop=-100")
     assert status == 1
-    assert "points below Keras float, more than --max_accuracy_drop" in capsys.readouterr().err
+    assert "points below Keras float, more than --max_accuracy_drop" in err
 
 
 def _error_of(capsys, *flags) -> str:
-    import export_tflite
-
-    assert export_tflite.main(["export_tflite", *flags]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
+    return tool_error(capsys, "export_tflite", *flags)
 
 
-def test_cli_bad_inputs(trained, run_copy, tmp_path, capsys):
+def test_cli_bad_inputs(run_copy, tmp_path, capsys):
     import keras
 
     assert "does not exist" in _error_of(capsys, f"--model_dir={tmp_path / 'nope'}")
@@ -215,6 +197,14 @@ def test_cli_bad_inputs(trained, run_copy, tmp_path, capsys):
     (incomplete / "labels.txt").unlink()
     assert "is incomplete: labels.txt missing" in _error_of(capsys,
                                                             f"--model_dir={incomplete}")
+    assert not list(incomplete.glob("*.tflite"))
+
+    nine = tmp_path / "nine_labels"
+    shutil.copytree(run_copy, nine)
+    (nine / "labels.txt").write_text("\n".join("abcdefghi") + "\n")
+    assert "labels.txt has 9 names but config.json says num_classes=10" in _error_of(
+        capsys, f"--model_dir={nine}", "--modes=float32")
+    assert not list(nine.glob("*.tflite"))
 
     other = tmp_path / "other"
     shutil.copytree(run_copy, other)

@@ -8,7 +8,7 @@ and distribution state never leak between tests.
 from __future__ import annotations
 
 import csv
-import importlib.util
+import dataclasses
 import json
 import os
 import shutil
@@ -24,35 +24,24 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import TEST_ENV as ENV
+from conftest import tool, tool_subprocess
 
 import keras_resnet
-from keras_resnet.pipeline import train
+from keras_resnet import pipeline
+from keras_resnet.pipeline import optimization, training
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
 TINY = ["--depth=8", "--dataset=digits", "--batch_size=32", "--verbose=false"]
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN_CLI = _load_tool("train")
 
 
 def cli(capsys, *args):
     """Runs tools/train.py in this process; returns (status, stdout, stderr)."""
-    status = TRAIN_CLI.main(["train.py", *args])
-    out, err = capsys.readouterr()
-    return status, out, err
+    return tool(capsys, "train", *args)
 
 
-def run_cli(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "tools/train.py", *args], cwd=REPO, env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, timeout=600):
+    return tool_subprocess("train", *args, timeout=timeout)
 
 
 def history(run_dir):
@@ -68,8 +57,9 @@ def read_json(path):
 def digits_run(tmp_path_factory):
     """One tiny finished run (ResNet-8 on digits, 1 epoch of 3 steps)."""
     run_dir = tmp_path_factory.mktemp("digits_run")
-    train.train(train.TrainConfig(depth=8, dataset="digits", epochs=1, batch_size=32,
-                                  steps_per_epoch=3, model_dir=str(run_dir), verbose="false"))
+    pipeline.train(pipeline.TrainConfig(depth=8, dataset="digits", epochs=1, batch_size=32,
+                                        steps_per_epoch=3, model_dir=str(run_dir),
+                                        verbose="false"))
     return run_dir
 
 
@@ -77,28 +67,60 @@ def digits_run(tmp_path_factory):
 
 
 def test_recipes():
-    cifar = train.resolve(train.TrainConfig(depth=20))
-    assert (cifar["model"], cifar["recipe"], cifar["dataset"]) == ("resnet20", "cifar",
-                                                                    "cifar10")
-    assert (cifar["epochs"], cifar["batch_size"], cifar["learning_rate"]) == (164, 128, 0.1)
-    assert (cifar["lr_schedule"], cifar["warmup_epochs"], cifar["weight_decay"],
-            cifar["label_smoothing"], cifar["image_size"]) == ("step", 0, 1e-4, 0.0, 32)
-    assert cifar["model_options"] == {}
-    net = train.resolve(train.TrainConfig(depth=50, batch_size=512))
-    assert (net["recipe"], net["dataset"], net["epochs"]) == ("imagenet", "imagenet2012", 90)
-    assert net["learning_rate"] == pytest.approx(0.2)  # 0.1 x 512/256
-    assert (net["lr_schedule"], net["warmup_epochs"], net["label_smoothing"],
-            net["image_size"]) == ("cosine", 5, 0.1, 224)
-    wrn = train.resolve(train.TrainConfig(model="wrn_16_8", model_options={"se_ratio": 0.25}))
-    assert wrn["recipe"] == "cifar" and wrn["model_options"] == {"se_ratio": 0.25}
-    assert train.resolve(train.TrainConfig(depth=50, initial_weights="imagenet"))[
-        "model_options"] == {"keras_applications": True}
+    cifar = pipeline.resolve(pipeline.TrainConfig(depth=20))
+    assert (cifar.model, cifar.recipe, cifar.dataset) == ("resnet20", "he2015", "cifar10")
+    assert (cifar.epochs, cifar.batch_size, cifar.learning_rate) == (164, 128, 0.1)
+    assert (cifar.lr_schedule, cifar.warmup_epochs, cifar.weight_decay,
+            cifar.label_smoothing, cifar.image_size, cifar.nesterov) == (
+        "step", 0, 1e-4, 0.0, 32, False)
+    assert cifar.model_options == {}
+    net = pipeline.resolve(pipeline.TrainConfig(depth=50, batch_size=512))
+    assert (net.recipe, net.dataset, net.epochs) == ("imagenet", "imagenet2012", 90)
+    assert net.learning_rate == pytest.approx(0.2)  # 0.1 x 512/256
+    assert (net.lr_schedule, net.warmup_epochs, net.label_smoothing,
+            net.image_size) == ("cosine", 5, 0.1, 224)
+    wrn = pipeline.resolve(pipeline.TrainConfig(model="wrn_16_8",
+                                                model_options={"se_ratio": 0.25}))
+    assert wrn.recipe == "he2015" and wrn.model_options == {"se_ratio": 0.25}
+    assert pipeline.resolve(pipeline.TrainConfig(depth=50, initial_weights="imagenet")
+                            ).model_options == {"keras_applications": True}
+    assert pipeline.resolve(pipeline.TrainConfig(depth=20)).model_dir == os.path.join(
+        "runs", "resnet20_default")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cifar.epochs = 3
+
+
+def test_fast_recipe_resolves_as_documented():
+    fast = pipeline.RECIPES["fast"]
+    r30 = pipeline.resolve(pipeline.TrainConfig(depth=20, recipe="fast"))
+    assert (r30.recipe, r30.epochs, r30.batch_size, r30.lr_schedule, r30.nesterov) == (
+        "fast", fast.epochs, fast.batch_size, "cosine", True)
+    assert r30.learning_rate == pytest.approx(fast.base_lr * fast.batch_size
+                                              / fast.reference_batch)
+    assert (r30.weight_decay, r30.label_smoothing) == (fast.weight_decay,
+                                                       fast.label_smoothing)
+    # budget-aware: the warm-up is a fixed share of whatever epochs are asked for
+    for epochs in (8, 15, 30):
+        r = pipeline.resolve(pipeline.TrainConfig(depth=20, recipe="fast", epochs=epochs))
+        assert r.warmup_epochs == pytest.approx(fast.warmup_fraction * epochs, abs=1e-3)
+    # learning rate scales with the batch; explicit options win over the recipe
+    big = pipeline.resolve(pipeline.TrainConfig(depth=20, recipe="fast", batch_size=512,
+                                                nesterov=False, label_smoothing=0.2))
+    assert big.learning_rate == pytest.approx(r30.learning_rate * 4)
+    assert (big.nesterov, big.label_smoothing) == (False, 0.2)
+    # the fast recipe's schedule reaches its peak after the warm-up and ends at zero
+    schedule = optimization.run_schedule(r30, steps_per_epoch=100)
+    warm = int(round(r30.warmup_epochs * 100))
+    assert float(schedule(warm)) == pytest.approx(r30.learning_rate)
+    assert float(schedule(30 * 100)) == pytest.approx(0.0, abs=1e-7)
+    sgd = optimization.make_optimizer(r30, schedule)
+    assert sgd.nesterov and sgd.momentum == 0.9
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(depth=51), "depth=51 is not a ResNet depth"),
-    (dict(depth=20, model="resnet56"), "exactly one of --depth"),
-    (dict(), "exactly one of --depth"),
+    (dict(depth=20, model="resnet56"), "exactly one of depth"),
+    (dict(), "exactly one of depth"),
     (dict(model="resnet7"), "is not a known ResNet"),
     (dict(depth=20, optimizer="lamb"), "optimizer='lamb' is not valid; choose one of sgd"),
     (dict(depth=20, lr_schedule="poly"), "lr_schedule='poly' is not valid"),
@@ -107,34 +129,50 @@ def test_recipes():
     (dict(depth=20, epochs=0), "epochs must be at least 1"),
     (dict(depth=20, warmup_epochs=200), "warmup_epochs must be below epochs"),
     (dict(depth=20, freeze_backbone_epochs=2), "freeze_backbone_epochs needs initial_weights"),
-    (dict(depth=20, initial_weights="imagenet"), "imagenet is not available for resnet20"),
+    (dict(depth=20, initial_weights="imagenet"),
+     "initial_weights='imagenet' is not available for resnet20"),
     (dict(depth=20, initial_weights="weights.bin"), "must be 'imagenet', a .keras file"),
     (dict(depth=20, initial_weights="/no/such.keras"), "does not exist"),
     (dict(depth=50, image_size=16), "image_size=16 is too small for resnet50"),
+    (dict(depth=20, recipe="paper"), "recipe='paper' is not valid; choose one of he2015, fast"),
 ])
 def test_bad_options(kwargs, message):
-    with pytest.raises(train.UserError, match=message):
-        train.resolve(train.TrainConfig(**kwargs))
+    with pytest.raises(pipeline.UserError, match=message):
+        pipeline.resolve(pipeline.TrainConfig(**kwargs))
 
 
 def test_schedules():
-    step = train.make_schedule("step", 0.1, total_steps=100, warmup_steps=0)
+    step = optimization.make_schedule("step", 0.1, total_steps=100, warmup_steps=0)
     assert [float(step(s)) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    warm = train.make_schedule("step", 0.1, total_steps=100, warmup_steps=5)
+    warm = optimization.make_schedule("step", 0.1, total_steps=100, warmup_steps=5)
     assert [float(warm(s)) for s in (0, 4, 5, 60)] == pytest.approx([0.01, 0.01, 0.1, 0.01])
-    cosine = train.make_schedule("cosine", 0.4, total_steps=110, warmup_steps=10)
+    cosine = optimization.make_schedule("cosine", 0.4, total_steps=110, warmup_steps=10)
     assert float(cosine(5)) == pytest.approx(0.2)
     assert float(cosine(10)) == pytest.approx(0.4)
     assert float(cosine(60)) == pytest.approx(0.2, rel=1e-3)
     assert float(cosine(110)) == pytest.approx(0.0, abs=1e-6)
-    assert train.make_schedule("constant", 0.05, total_steps=10, warmup_steps=0) == 0.05
+    assert optimization.make_schedule("constant", 0.05, total_steps=10, warmup_steps=0) == 0.05
+
+
+def test_a_tiny_fast_recipe_run_trains(tmp_path, capsys):
+    status, out, err = cli(capsys, "--depth=8", "--dataset=digits", "--recipe=fast",
+                           "--epochs=3", "--batch_size=32", "--steps_per_epoch=8",
+                           "--verbose=false", f"--model_dir={tmp_path / 'run'}")
+    assert status == 0, err
+    config = read_json(tmp_path / "run" / "config.json")
+    assert (config["recipe"], config["nesterov"], config["lr_schedule"]) == (
+        "fast", True, "cosine")
+    losses = [float(row["loss"]) for row in csv.DictReader(open(tmp_path / "run" /
+                                                                "history.csv"))]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert out.count("images/s") == 3
 
 
 def test_weight_decay_never_touches_batch_norm_or_biases():
     model = keras_resnet.resnet(depth=8, classes=10, include_preprocessing=True,
                                 classifier_activation=None)
-    train._add_weight_decay(model, 1e-4)
+    optimization.add_weight_decay(model, 1e-4)
     decayed = {v.path for v in model.trainable_weights if v.regularizer is not None}
     kernels = {v.path for v in model.trainable_weights if v.path.endswith("/kernel")}
     assert decayed == kernels and decayed  # every trainable kernel, nothing else
@@ -142,7 +180,8 @@ def test_weight_decay_never_touches_batch_norm_or_biases():
     assert len(model.losses) == len(kernels)
     # frozen layers (input normalisation, option-A shortcuts) are not decayed
     assert not any(v.regularizer for v in model.non_trainable_weights)
-    adamw = train.make_optimizer({"optimizer": "adamw", "weight_decay": 0.05}, 1e-3)
+    adamw = optimization.make_optimizer(pipeline.resolve(pipeline.TrainConfig(
+        depth=8, optimizer="adamw", weight_decay=0.05)), 1e-3)
     adamw.build(model.trainable_variables)
     by_name = {v.path: adamw._use_weight_decay(v) for v in model.trainable_variables}
     assert by_name["conv1_conv/kernel"] and by_name["predictions/kernel"]
@@ -188,7 +227,7 @@ def test_model_dir_of_another_model_is_refused(digits_run, tmp_path, capsys):
                          f"--model_dir={run_dir}")
     assert status == 2
     assert err.strip().splitlines() == [
-        f"error: model_dir {run_dir} holds a run of resnet8 (10 classes, 32px), not resnet14 "
+        f"error: --model_dir {run_dir} holds a run of resnet8 (10 classes, 32px), not resnet14 "
         "(10 classes, 32px); choose another --model_dir or pass --overwrite to replace it"]
     assert before == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     status, _, err = cli(capsys, *TINY, "--image_size=40", "--epochs=1",
@@ -206,10 +245,61 @@ def test_finished_run_is_not_repeated(digits_run, tmp_path, capsys):
     assert history(run_dir) == [1]
 
 
+def test_resume_with_other_options_is_refused(digits_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits_run, run_dir)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    status, _, err = cli(capsys, *TINY[:-2], "--batch_size=64", "--learning_rate=0.5",
+                         "--epochs=2", "--steps_per_epoch=3", "--verbose=false",
+                         f"--model_dir={run_dir}")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert ("holds a run started with other options (--batch_size=32 -> 64; "
+            "--learning_rate=0.025 -> 0.5)") in err
+    status, _, err = cli(capsys, "--depth=8", "--dataset=synthetic", "--batch_size=32",
+                         "--epochs=2", "--steps_per_epoch=3", f"--model_dir={run_dir}")
+    assert status == 2 and "--dataset='digits' -> 'synthetic'" in err
+    assert before == {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    # --epochs (and options that cannot change results) may change: the run goes on
+    status, out, _ = cli(capsys, *TINY, "--epochs=2", "--steps_per_epoch=3",
+                         "--keep_checkpoints=1", f"--model_dir={run_dir}")
+    assert status == 0 and "resuming" in out and history(run_dir) == [1, 2]
+
+
+def test_a_run_folder_in_use_is_refused(digits_run, tmp_path, capsys):
+    from keras_resnet.pipeline import rundir
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits_run, run_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from keras_resnet.pipeline import rundir\n"
+         "with rundir.RunLock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
+         str(run_dir)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status, _, err = cli(capsys, *TINY, "--epochs=2", "--steps_per_epoch=3",
+                             f"--model_dir={run_dir}")
+        assert status == 2 and len(err.strip().splitlines()) == 1
+        assert f"{run_dir} is in use by process {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the dead holder's lock: the run resumes
+    status, out, _ = cli(capsys, *TINY, "--epochs=2", "--steps_per_epoch=3",
+                         f"--model_dir={run_dir}")
+    assert status == 0 and "resuming" in out
+    # a lock that created its folder and nothing else leaves no folder behind
+    with rundir.RunLock(tmp_path / "fresh"):
+        assert (tmp_path / "fresh" / ".lock").exists()
+    assert not (tmp_path / "fresh").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
     model_bytes = (run_dir / "model.keras").read_bytes()
+    # A run started with a learning rate whose first epoch survived.
+    config = read_json(run_dir / "config.json")
+    (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 1e30}))
     status, _, err = cli(capsys, *TINY, "--epochs=3", "--steps_per_epoch=3",
                          "--learning_rate=1e30", f"--model_dir={run_dir}")
     assert status == 2
@@ -276,8 +366,8 @@ def test_initial_weights_new_head_flat_graph(digits_run, tmp_path):
     for path in (digits_run / "model.keras", tmp_path / "source.weights.h5"):
         if path.suffix == ".h5":
             source.save_weights(path)
-        resolved = train.resolve(train.TrainConfig(depth=8, initial_weights=str(path)))
-        model = train.build_model(resolved, num_classes=3)
+        resolved = pipeline.resolve(pipeline.TrainConfig(depth=8, initial_weights=str(path)))
+        model = training.build_model(resolved, num_classes=3)
         assert model.output_shape == (None, 3)
         assert not any(isinstance(layer, keras.Model) for layer in model.layers)  # flat
         for name in ("conv1_conv", "conv4_block1_2_conv", "conv4_block1_2_bn"):
@@ -286,21 +376,21 @@ def test_initial_weights_new_head_flat_graph(digits_run, tmp_path):
                 np.testing.assert_array_equal(a, b)
     other = keras_resnet.resnet(depth=14, classes=10)
     other.save(tmp_path / "other.keras")
-    with pytest.raises(train.UserError, match="has layers that resnet8 lacks .*different arch"):
-        train.build_model(train.resolve(train.TrainConfig(
+    with pytest.raises(pipeline.UserError, match="has layer.* that resnet8 lacks, so it is not"):
+        training.build_model(pipeline.resolve(pipeline.TrainConfig(
             depth=8, initial_weights=str(tmp_path / "other.keras"))), num_classes=3)
 
 
 def test_fine_tune_with_frozen_backbone_then_resume(digits_run, tmp_path):
     data_dir = _three_classes(tmp_path / "images")
-    config = train.TrainConfig(depth=8, dataset="folder", data_dir=str(data_dir), epochs=1,
+    config = pipeline.TrainConfig(depth=8, dataset="folder", data_dir=str(data_dir), epochs=1,
                                batch_size=8, initial_weights=str(digits_run / "model.keras"),
                                freeze_bn=True, model_dir=str(tmp_path / "run"),
                                verbose="false", val_fraction=0.25)
-    with pytest.raises(train.UserError, match="freeze_backbone_epochs must be below"):
-        train.train(train.TrainConfig(**{**config.__dict__, "freeze_backbone_epochs": 1}))
+    with pytest.raises(pipeline.UserError, match="freeze_backbone_epochs must be below"):
+        pipeline.train(pipeline.TrainConfig(**{**config.__dict__, "freeze_backbone_epochs": 1}))
     source = keras.saving.load_model(digits_run / "model.keras", compile=False)
-    train.train(train.TrainConfig(**{**config.__dict__, "epochs": 2,
+    pipeline.train(pipeline.TrainConfig(**{**config.__dict__, "epochs": 2,
                                      "freeze_backbone_epochs": 1}))
     assert history(tmp_path / "run") == [1, 2]
     assert read_json(tmp_path / "run" / "checkpoints" / "checkpoint.json")["phase"] == 1
@@ -315,7 +405,7 @@ def test_fine_tune_with_frozen_backbone_then_resume(digits_run, tmp_path):
                if layer.name not in ("preprocess",) and not layer.name.endswith("_0_conv")
                and not isinstance(layer, keras.layers.BatchNormalization))
     # one more epoch resumes in the unfrozen phase
-    train.train(train.TrainConfig(**{**config.__dict__, "epochs": 3,
+    pipeline.train(pipeline.TrainConfig(**{**config.__dict__, "epochs": 3,
                                      "freeze_backbone_epochs": 1}))
     assert history(tmp_path / "run") == [1, 2, 3]
 
@@ -331,7 +421,7 @@ def test_tfds_training_through_mock_data(tmp_path):
     builder.info.write_to_directory(builder.data_dir)
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_FILES,
                                 data_dir=str(tmp_path)):
-        metrics = train.train(train.TrainConfig(
+        metrics = pipeline.train(pipeline.TrainConfig(
             depth=8, dataset="cifar10", data_dir=str(tmp_path), epochs=1, batch_size=16,
             steps_per_epoch=2, model_dir=str(tmp_path / "run"), verbose="false"))
     assert metrics["epochs"] == 1 and metrics["val_images"] == 6  # 10% of train carved
@@ -392,7 +482,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 import numpy as np
-from keras_resnet.pipeline import train
+from keras_resnet import pipeline
 
 out = sys.argv[1]
 common = dict(depth=8, dataset="digits", epochs=2, batch_size=64, steps_per_epoch=4,
@@ -400,7 +490,7 @@ common = dict(depth=8, dataset="digits", epochs=2, batch_size=64, steps_per_epoc
 result = {}
 for name in ("default", "mirrored"):
     run = os.path.join(out, name)
-    metrics = train.train(train.TrainConfig(model_dir=run, strategy=name, **common))
+    metrics = pipeline.train(pipeline.TrainConfig(model_dir=run, strategy=name, **common))
     model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
     np.save(os.path.join(out, name + ".npy"),
             np.concatenate([w.ravel() for w in model.get_weights()]))
@@ -409,9 +499,9 @@ for name in ("default", "mirrored"):
                         replicas=config["replicas"],
                         per_replica=config["per_replica_batch_size"])
 try:
-    train.train(train.TrainConfig(model_dir=os.path.join(out, "odd"), strategy="mirrored",
+    pipeline.train(pipeline.TrainConfig(model_dir=os.path.join(out, "odd"), strategy="mirrored",
                                   **{**common, "batch_size": 63}))
-except train.UserError as e:
+except pipeline.UserError as e:
     result["odd_batch_error"] = str(e)
 print("RESULT " + json.dumps(result))
 """

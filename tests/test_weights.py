@@ -146,3 +146,83 @@ def test_include_preprocessing_matches_keras_applications_preprocess_input(refer
     module = keras.applications.resnet_v2 if variant.endswith("v2") else keras.applications.resnet
     pixels = np.random.default_rng(4).uniform(0, 255, (2, 224, 224, 3)).astype("float32")
     assert_agree(_logits(model, pixels), _logits(ref, module.preprocess_input(pixels.copy())))
+
+
+# --------------------------------------------------------------------------- shipped weights
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """A shipped-weights entry for resnet8 written by save_by_name into a temporary folder."""
+    source = kr.resnet(depth=8, classes=10, input_shape=(32, 32, 3), include_preprocessing=True)
+    _randomise_bn(source)
+    sha = weights_lib.save_by_name(source, tmp_path / "resnet8_test.h5")
+    entry = weights_lib.Pretrained(file="resnet8_test.h5", sha256=sha,
+                                   classes=kr.CIFAR10_CLASSES, image_size=32, card="none.json")
+    monkeypatch.setattr(weights_lib, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setitem(weights_lib.PRETRAINED, "resnet8", {"cifar10": entry})
+    return source, entry
+
+
+def test_shipped_weights_load_with_top_as_logits_and_without_top(shipped, tmp_path):
+    source, _ = shipped
+    x = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    want = source.predict_on_batch(x)
+    model = kr.resnet(depth=8, weights="cifar10")
+    assert model.input_shape == (None, 32, 32, 3) and model.get_layer("preprocess")
+    # stored as float16: within float16 rounding of the source
+    np.testing.assert_allclose(model.predict_on_batch(x), want, atol=2e-3)
+    assert np.allclose(model.predict_on_batch(x).sum(-1), 1.0, atol=1e-5)  # softmax
+    logits = kr.resnet(depth=8, weights="cifar10", classifier_activation=None)
+    np.testing.assert_allclose(keras.ops.softmax(logits.predict_on_batch(x)), want, atol=2e-3)
+    backbone = kr.resnet(depth=8, weights="cifar10", include_top=False, pooling="avg")
+    assert backbone.output_shape == (None, 64)
+    np.testing.assert_array_equal(backbone.get_layer("conv1_conv").get_weights()[0],
+                                  model.get_layer("conv1_conv").get_weights()[0])
+    # save and reload without custom objects
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    np.testing.assert_allclose(again.predict_on_batch(x), model.predict_on_batch(x), atol=1e-6)
+
+
+def test_shipped_weights_bad_requests_are_one_line_errors(shipped):
+    _, entry = shipped
+    cases = [
+        (dict(depth=8, weights="cifar10", classes=100), "needs classes=10"),
+        (dict(depth=8, weights="cifar10", include_preprocessing=False),
+         "leave include_preprocessing unset"),
+        (dict(depth=14, weights="cifar10"), "weights='cifar10' is not available for resnet14"),
+        (dict(depth=8, weights="cifar10", se_ratio=0.25), "change the architecture"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            kr.resnet(**kwargs)
+        assert "\n" not in str(info.value)
+    assert kr.resnet(depth=8, weights="cifar10", include_top=False, classes=100) is not None
+    damaged = bytearray(entry.path.read_bytes())
+    damaged[-100] ^= 0xFF
+    entry.path.write_bytes(bytes(damaged))
+    with pytest.raises(ValueError, match=r"have sha256 .*expected .*damaged: reinstall") as info:
+        kr.resnet(depth=8, weights="cifar10")
+    assert "\n" not in str(info.value)
+
+
+def test_shipped_cifar10_weights(cifar_small):
+    """The ResNet-20 weights shipped in the package: checksum, card, a quick sanity check.
+
+    Their accuracy is measured on the held-out test split elsewhere; here only that they
+    classify real CIFAR-10 training images far above chance (500 images, chance 10%).
+    """
+    entry = weights_lib.pretrained("resnet20", "cifar10")
+    if entry is None:
+        pytest.skip("no ResNet-20 CIFAR-10 weights are shipped in this build")
+    from keras_resnet.pipeline import data
+
+    card = weights_lib.read_card(entry)
+    assert card["sha256"] == entry.sha256 and card["classes"] == list(kr.CIFAR10_CLASSES)
+    model = kr.ResNet20(weights="cifar10")
+    assert model.output_shape == (None, 10)
+    split = data.eval_data("folder", str(cifar_small), "train", 32, 250)
+    images, labels = data.take(split.dataset, 500)
+    accuracy = float(np.mean(model.predict(images, verbose=0).argmax(-1) == labels))
+    assert accuracy > 0.8, accuracy

@@ -8,10 +8,11 @@ Runs the three tools a user runs, each in its own process, on scikit-learn's 1,7
 1. ``tools/train.py --depth=20 --dataset=digits``: CIFAR ResNet-20, float32;
 2. ``tools/qat.py``: quantization-aware training (tfmot) and the int8 TFLite file;
 3. ``tools/export_tflite.py --modes=float32,qat_int8``: op audit and LiteRT check;
-4. ``tools/evaluate.py`` on the test split, once for model.keras and once for
-   model_int8.tflite,
+4. ``tools/evaluate.py`` on the test split: model.keras, then model_int8.tflite on the
+   LiteRT interpreter and through MediaPipe Tasks' ImageClassifier (the Android task
+   runtime, reading the file's metadata),
 
-and prints float vs int8 test top-1 and the path of the Android-ready ``.tflite`` file.
+and prints the three test top-1 figures and the path of the Android-ready ``.tflite`` file.
 Re-running continues the run in ``--model_dir`` (finished steps are not repeated).
 """
 
@@ -59,15 +60,19 @@ def main(argv: list[str]) -> int:
         _tool("export_tflite.py", f"--model_dir={run}", "--modes=float32,qat_int8",
               "--latency_runs=20")
     top1 = {}
-    for name in ("model.keras", "model_int8.tflite"):
-        out = run / f"test_{name.replace('.', '_')}.json"
-        _tool("evaluate.py", f"--model={run / name}", "--split=test", f"--output_json={out}")
-        top1[name] = json.loads(out.read_text())["top1"]
+    for name, runtime in (("model.keras", "litert"), ("model_int8.tflite", "litert"),
+                          ("model_int8.tflite", "mediapipe")):
+        out = run / f"test_{name.replace('.', '_')}_{runtime}.json"
+        _tool("evaluate.py", f"--model={run / name}", "--split=test", f"--runtime={runtime}",
+              f"--output_json={out}")
+        top1[name, runtime] = json.loads(out.read_text())["top1"]
     print(f"\ndigits test split, {time.perf_counter() - start:.0f} s in all:")
-    print(f"  float  {run / 'model.keras'}: top-1 {100 * top1['model.keras']:.2f}%")
-    print(f"  int8   {run / 'model_int8.tflite'}: top-1 {100 * top1['model_int8.tflite']:.2f}%")
-    print(f"Android hand-off: {run / 'model_int8.tflite'}, {run / 'labels.txt'}, "
-          f"{run / 'model_int8.json'}")
+    print(f"  float  {run / 'model.keras'}: top-1 {100 * top1['model.keras', 'litert']:.2f}%")
+    for runtime, label in (("litert", "LiteRT interpreter"), ("mediapipe", "MediaPipe Tasks")):
+        print(f"  int8   {run / 'model_int8.tflite'} on {label}: top-1 "
+              f"{100 * top1['model_int8.tflite', runtime]:.2f}%")
+    print(f"Android: {run / 'model_int8.tflite'} (labels and normalisation inside; "
+          f"python tools/inspect_tflite.py shows them), sidecar {run / 'model_int8.json'}")
     return 0
 
 

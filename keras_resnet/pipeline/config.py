@@ -1,0 +1,376 @@
+"""What one training run is: :class:`TrainConfig`, the recipes, and :func:`resolve`.
+
+Every :class:`TrainConfig` field left ``None`` takes the value of the run's recipe;
+:func:`resolve` validates the options and returns a frozen :class:`ResolvedConfig`, which
+is what the run folder records (``config.json``) and what a resumed run must match.
+
+Recipes (``recipe=``; the default is ``he2015`` for CIFAR-style nets and ``imagenet``
+otherwise, so that a run without options reproduces the paper the architecture comes from):
+
+* ``he2015``: He et al. 2015, §4.2: 164 epochs, batch 128, SGD momentum 0.9, learning
+  rate 0.1 x batch/128 divided by 10 at 50% and 75% of training, weight decay 1e-4.
+* ``fast``: a budget-aware recipe for CIFAR-size data (see :data:`RECIPES` for each
+  ingredient and its reference): 30 epochs by default, and built to be cut short with
+  ``epochs=`` (every schedule length scales with it).
+* ``imagenet``: 90 epochs, batch 256, SGD momentum 0.9, learning rate 0.1 x batch/256
+  (Goyal et al. 2017) with 5 linear warm-up epochs and cosine decay, label smoothing 0.1,
+  weight decay 1e-4, 224x224 images.
+
+Weight decay never applies to BatchNormalization parameters or biases.
+
+Example:
+    >>> resolved = resolve(TrainConfig(depth=20, recipe="fast", epochs=15))
+    >>> resolved.learning_rate, resolved.lr_schedule
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from keras_resnet import configs
+from keras_resnet import weights as weights_lib
+from keras_resnet.pipeline.errors import UserError, choose
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("step", "cosine", "constant")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+AUTO_BOOL = ("auto", "true", "false")
+# Step schedule: learning rate divided by 10 at these fractions of training (He et al.).
+STEP_BOUNDARIES = (0.5, 0.75)
+# Options that do not change what a run computes: a resumed run may change them.
+RESUMABLE_CHANGES = ("epochs", "model_dir", "verbose", "keep_checkpoints", "overwrite",
+                     "cache_budget_mb")
+DEFAULT_CACHE_BUDGET_MB = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Defaults of one training recipe.
+
+    ``learning_rate`` is ``base_lr x batch_size / reference_batch``; ``warmup_fraction``
+    (when set) makes the warm-up a fraction of the run instead of ``warmup_epochs``.
+    """
+
+    name: str
+    epochs: int
+    batch_size: int
+    reference_batch: int
+    base_lr: float
+    lr_schedule: str
+    warmup_epochs: float
+    weight_decay: float
+    label_smoothing: float
+    dataset: str
+    reference: str
+    nesterov: bool = False
+    warmup_fraction: float | None = None
+
+
+RECIPES = {
+    "he2015": Recipe(
+        "he2015", epochs=164, batch_size=128, reference_batch=128, base_lr=0.1,
+        lr_schedule="step", warmup_epochs=0, weight_decay=1e-4, label_smoothing=0.0,
+        dataset="cifar10", reference="He et al. 2015, §4.2"),
+    "fast": Recipe(
+        "fast", epochs=30, batch_size=128, reference_batch=128, base_lr=0.1,
+        lr_schedule="cosine", warmup_epochs=0, warmup_fraction=0.05, weight_decay=5e-4,
+        label_smoothing=0.0, nesterov=True, dataset="cifar10",
+        reference=("linear warm-up (Goyal et al. 2017) then cosine decay to zero "
+                   "(Loshchilov & Hutter 2017), budget-aware: every length scales with the "
+                   "epochs (Li et al. 2020); Nesterov momentum (Sutskever et al. 2013); "
+                   "weight decay 5e-4 for short runs (Zagoruyko & Komodakis 2016)")),
+    "imagenet": Recipe(
+        "imagenet", epochs=90, batch_size=256, reference_batch=256, base_lr=0.1,
+        lr_schedule="cosine", warmup_epochs=5, weight_decay=1e-4, label_smoothing=0.1,
+        dataset="imagenet2012",
+        reference="Goyal et al. 2017; He et al. 2019 (cosine, smoothing)"),
+}
+
+
+def _option(default=None, help="", **extra):  # noqa: A002 - "help" as in argparse
+    metadata = {"help": help, **extra}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One experiment; fields left None take the recipe's value (listed below).
+
+    tools/train.py has one flag per field, generated from this class, with the same help.
+    """
+
+    depth: int | None = _option(
+        help="ResNet depth: 18/34/50/101/152/200 (ImageNet-style) or 6n+2 such as 20, 56, "
+             "110 (CIFAR-style).")
+    model: str | None = _option(
+        help="variant name instead of depth, e.g. resnet56, resnet50d, wrn_28_10 (see "
+             "keras_resnet.VARIANTS).")
+    model_options: dict[str, Any] = _option(
+        {}, help='ResNetConfig overrides, e.g. {"se_ratio": 0.0625} (JSON on the command '
+                 'line).')
+    recipe: str | None = _option(
+        help="training recipe: he2015, fast or imagenet (default: he2015 for CIFAR-style "
+             "nets, imagenet otherwise).", choices=tuple(RECIPES))
+    dataset: str | None = _option(
+        help="TFDS name (cifar10, cifar100, imagenette, imagenet2012, ...), folder, digits "
+             "or synthetic (recipe: cifar10 CIFAR-style, imagenet2012 otherwise).")
+    data_dir: str | None = _option(
+        help="TFDS data dir (must hold the prepared dataset; nothing is downloaded) or the "
+             "root of a folder dataset.")
+    model_dir: str | None = _option(
+        help="run directory (default: runs/<model>_<dataset>).")
+    epochs: int | None = _option(
+        help="total epochs; a resumed run finishes at this count (recipe: he2015 164, fast "
+             "30, imagenet 90).")
+    batch_size: int | None = _option(
+        help="global batch size, split evenly over replicas (recipe: 128 CIFAR-style, 256 "
+             "imagenet).")
+    image_size: int | None = _option(
+        help="square input side (default: 32 CIFAR-style, 224 otherwise).")
+    learning_rate: float | None = _option(
+        help="peak learning rate (recipe: 0.1 x batch/128 CIFAR-style, 0.1 x batch/256 "
+             "imagenet).")
+    weight_decay: float | None = _option(
+        help="decay of conv/dense kernels, never BN or biases (recipe: he2015 1e-4, fast "
+             "5e-4, imagenet 1e-4).")
+    label_smoothing: float | None = _option(
+        help="label smoothing of the cross-entropy (recipe: 0 CIFAR-style, 0.1 imagenet).")
+    seed: int = _option(0, help="seeds initialisation, validation carving, shuffling and "
+                                "augmentation.")
+    optimizer: str = _option("sgd", help="sgd, adam, adamw or rmsprop.", choices=OPTIMIZERS)
+    momentum: float = _option(0.9, help="momentum of sgd and rmsprop.")
+    nesterov: bool | None = _option(help="Nesterov momentum for sgd (recipe: on for fast).")
+    lr_schedule: str | None = _option(
+        help="step (/10 at 50% and 75%), cosine (to zero) or constant (recipe: he2015 "
+             "step, otherwise cosine).", choices=SCHEDULES)
+    warmup_epochs: float | None = _option(
+        help="warm-up epochs: linear for cosine, lr/10 for step/constant (recipe: he2015 0, "
+             "fast 5% of the epochs, imagenet 5).")
+    mixed_precision: str = _option("auto", help="auto (on with a GPU), true or false.",
+                                   choices=AUTO_BOOL)
+    jit_compile: str = _option("auto", help="XLA: auto (with a GPU and one replica), true "
+                                            "or false.", choices=AUTO_BOOL)
+    steps_per_epoch: int | None = _option(
+        help="steps per epoch (default: one pass over the training data).")
+    initial_weights: str | None = _option(
+        help="imagenet, or a .keras / .weights.h5 file; the classification head is always "
+             "new.")
+    freeze_bn: bool = _option(False, help="keep every BatchNormalization layer frozen.")
+    freeze_backbone_epochs: int = _option(
+        0, help="train only the new head for this many epochs first (needs "
+                "initial_weights).")
+    strategy: str = _option(
+        "auto", help="auto, default, mirrored or multiworker (auto: multi-worker when "
+                     "TF_CONFIG names a cluster, mirrored over GPUs, else default).",
+        choices=STRATEGIES)
+    val_fraction: float = _option(
+        0.1, help="fraction of train carved off as validation when the dataset has no "
+                  "validation split; 0 for none.")
+    augment: bool = _option(True, help="random crops and flips on the training data.")
+    cache_budget_mb: int = _option(
+        DEFAULT_CACHE_BUDGET_MB, help="decoded training images kept in memory up to this "
+                                      "size; larger data streams from disk.")
+    keep_checkpoints: int = _option(2, help="epoch checkpoints kept (the newest).")
+    overwrite: bool = _option(False, help="replace a run found in model_dir instead of "
+                                          "resuming it.")
+    verbose: str = _option("auto", help="Keras progress bar: auto (on a terminal), true or "
+                                        "false; one summary line per epoch is always printed.",
+                           choices=AUTO_BOOL)
+
+
+TrainConfig.__doc__ += "\n    Attributes:\n" + "\n".join(
+    f"        {f.name}: {f.metadata['help']}" for f in dataclasses.fields(TrainConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated :class:`TrainConfig` with every recipe default filled in.
+
+    Besides the options it names the variant (``model``), the recipe, the architecture
+    (``ResNetConfig`` fields) and the ``model_dir`` actually used.
+    """
+
+    depth: int | None
+    model: str
+    model_options: dict[str, Any]
+    recipe: str
+    recipe_reference: str
+    architecture: dict[str, Any]
+    dataset: str
+    data_dir: str | None
+    model_dir: str
+    epochs: int
+    batch_size: int
+    image_size: int
+    learning_rate: float
+    weight_decay: float
+    label_smoothing: float
+    seed: int
+    optimizer: str
+    momentum: float
+    nesterov: bool
+    lr_schedule: str
+    warmup_epochs: float
+    mixed_precision: str
+    jit_compile: str
+    steps_per_epoch: int | None
+    initial_weights: str | None
+    freeze_bn: bool
+    freeze_backbone_epochs: int
+    strategy: str
+    val_fraction: float
+    augment: bool
+    cache_budget_mb: int
+    keep_checkpoints: int
+    overwrite: bool
+    verbose: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def architecture_arg(self) -> dict[str, Any]:
+        """The ``keras_resnet.resnet()`` argument naming the architecture.
+
+        Depths outside the variant table (e.g. 8 or 14) exist only through ``depth=``.
+        """
+        return {"depth": self.depth} if self.depth is not None else {"variant": self.model}
+
+
+def resolve(config: TrainConfig) -> ResolvedConfig:
+    """Validates a config and fills every unset option from the recipe.
+
+    Raises:
+        UserError: a bad option or combination, in one sentence naming the argument.
+    """
+    c = config
+    for field in dataclasses.fields(TrainConfig):
+        valid = field.metadata.get("choices")
+        value = getattr(c, field.name)
+        if valid and value is not None:
+            choose(field.name, value, valid)
+    variant, arch = _variant(c)
+    if not isinstance(c.model_options, dict):
+        raise UserError(f"model_options={c.model_options!r} must be a dict of ResNetConfig "
+                        "fields")
+    try:
+        arch = arch.replace(**c.model_options)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
+    recipe = RECIPES[c.recipe or ("he2015" if arch.stem == "cifar" else "imagenet")]
+    options = dict(c.model_options)
+    epochs = recipe.epochs if c.epochs is None else c.epochs
+    batch_size = recipe.batch_size if c.batch_size is None else c.batch_size
+    warmup = c.warmup_epochs
+    if warmup is None:
+        warmup = (recipe.warmup_epochs if recipe.warmup_fraction is None
+                  else round(recipe.warmup_fraction * epochs, 3))
+    _check(c, epochs=epochs, batch_size=batch_size, warmup=warmup)
+    if c.initial_weights == "imagenet":
+        try:
+            weights_lib.check_imagenet(variant, include_top=False, classes=None,
+                                       argument="initial_weights")
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        # keras.applications' weights need its layout (conv biases, BN epsilon, ...).
+        options["keras_applications"] = True
+    elif c.initial_weights is not None:
+        path = os.path.expanduser(c.initial_weights)
+        if not path.endswith((".keras", ".weights.h5")):
+            raise UserError(f"initial_weights={c.initial_weights} must be 'imagenet', a "
+                            ".keras file or a .weights.h5 file")
+        if not os.path.isfile(path):
+            raise UserError(f"initial_weights file {path} does not exist")
+    image_size = arch.default_size if c.image_size is None else c.image_size
+    if image_size < arch.min_size:
+        raise UserError(f"image_size={image_size} is too small for {variant}; use at "
+                        f"least {arch.min_size}")
+    dataset = c.dataset or recipe.dataset
+    values = {f.name: getattr(c, f.name) for f in dataclasses.fields(TrainConfig)}
+    values.update(
+        model=variant, model_options=options, recipe=recipe.name,
+        recipe_reference=recipe.reference, architecture=dataclasses.asdict(arch),
+        dataset=dataset, epochs=epochs, batch_size=batch_size, image_size=image_size,
+        model_dir=c.model_dir or default_model_dir(c),
+        lr_schedule=c.lr_schedule or recipe.lr_schedule, warmup_epochs=warmup,
+        weight_decay=recipe.weight_decay if c.weight_decay is None else c.weight_decay,
+        label_smoothing=(recipe.label_smoothing if c.label_smoothing is None
+                         else c.label_smoothing),
+        nesterov=recipe.nesterov if c.nesterov is None else c.nesterov,
+        learning_rate=(recipe.base_lr * batch_size / recipe.reference_batch
+                       if c.learning_rate is None else c.learning_rate))
+    resolved = ResolvedConfig(**values)
+    for ok, message in (
+            (resolved.learning_rate > 0, "learning_rate must be positive"),
+            (resolved.weight_decay >= 0, "weight_decay must be at least 0"),
+            (0 <= resolved.label_smoothing < 1, "label_smoothing must be in [0, 1)")):
+        if not ok:
+            raise UserError(message)
+    return resolved
+
+
+def default_model_dir(config: TrainConfig) -> str:
+    """``runs/<model>_<dataset>``, with the names as given (``default`` for no dataset)."""
+    name = config.model or f"resnet{config.depth}"
+    return os.path.join("runs", f"{name}_{config.dataset or 'default'}")
+
+
+def _check(c: TrainConfig, *, epochs, batch_size, warmup):
+    checks = [
+        (isinstance(epochs, int) and epochs >= 1, "epochs must be at least 1"),
+        (isinstance(batch_size, int) and batch_size >= 1,
+         "batch_size must be a positive integer"),
+        (0 <= warmup < epochs, "warmup_epochs must be below epochs"),
+        (0 <= c.val_fraction < 1, "val_fraction must be at least 0 and below 1"),
+        (c.steps_per_epoch is None or c.steps_per_epoch >= 1,
+         "steps_per_epoch must be at least 1"),
+        (0 <= c.freeze_backbone_epochs < epochs, "freeze_backbone_epochs must be below epochs"),
+        (c.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+        (c.cache_budget_mb >= 0, "cache_budget_mb must be at least 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if c.freeze_backbone_epochs and not c.initial_weights:
+        raise UserError("freeze_backbone_epochs needs initial_weights (a pretrained backbone "
+                        "to keep frozen)")
+
+
+def _variant(c: TrainConfig):
+    if (c.depth is None) == (c.model is None):
+        raise UserError("pass exactly one of depth (e.g. 50, 20) or model (e.g. resnet56)")
+    try:
+        if c.depth is not None:
+            return configs.config_for_depth(c.depth)
+        return configs.resolve_variant(c.model)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def resume_conflicts(old: dict[str, Any], new: ResolvedConfig) -> list[str]:
+    """Options of ``new`` that differ from a run's recorded config, as ``name=old->new``.
+
+    Options in :data:`RESUMABLE_CHANGES` may change; everything else decides what the run
+    computes, so a resumed run must keep it.
+    """
+    conflicts = []
+    # Compared as config.json stores them (tuples become lists).
+    for key, value in json.loads(json.dumps(new.to_dict())).items():
+        if key in RESUMABLE_CHANGES or key not in old:
+            continue
+        before = old[key]
+        if before != value and not _same_path(key, before, value):
+            conflicts.append(f"{key}={before!r} -> {value!r}")
+    return conflicts
+
+
+def _same_path(key, before, value):
+    if key != "data_dir" or not before or not value:
+        return False
+    return os.path.realpath(os.path.expanduser(before)) == os.path.realpath(
+        os.path.expanduser(value))

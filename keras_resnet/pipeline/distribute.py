@@ -1,0 +1,109 @@
+"""Distribution: which tf.distribute strategy a run uses, and who writes the run folder.
+
+One CPU or one GPU runs the default strategy; several GPUs MirroredStrategy; a cluster
+described by ``TF_CONFIG`` MultiWorkerMirroredStrategy, where only the chief writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+from keras_resnet.pipeline.config import STRATEGIES
+from keras_resnet.pipeline.errors import UserError, choose
+
+
+def _cluster_workers() -> int:
+    try:
+        spec = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    except json.JSONDecodeError as e:
+        raise UserError(f"TF_CONFIG is not valid JSON ({e})") from e
+    cluster = spec.get("cluster", {})
+    return sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
+
+
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """Picks the distribution strategy.
+
+    "auto" is MultiWorkerMirroredStrategy when TF_CONFIG describes a cluster of several
+    workers, MirroredStrategy over all visible GPUs when there is one, and the default
+    (single-device) strategy otherwise. "mirrored" without GPUs mirrors over all logical
+    CPU devices.
+
+    Must run before any other TensorFlow work when a multi-worker strategy is chosen.
+    """
+    choose("strategy", name, STRATEGIES)
+    workers = _cluster_workers()
+    if name == "auto":
+        if workers > 1:
+            name = "multiworker"
+        else:
+            # physical (not logical) devices: listing them does not initialise TF.
+            name = "mirrored" if tf.config.list_physical_devices("GPU") else "default"
+    if name == "multiworker":
+        if workers < 1:
+            raise UserError("strategy=multiworker needs TF_CONFIG describing the cluster "
+                            "(cluster.worker addresses and this task's type and index)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in gpus or tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def strategy_name(strategy: tf.distribute.Strategy) -> str:
+    """The public tf.distribute name of ``strategy`` (its class may be an internal alias)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    name = type(strategy).__name__
+    return "DefaultStrategy" if name == "_DefaultDistributionStrategy" else name
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run directory (always, unless multi-worker)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def patch_for_multiworker(model, strategy):
+    """Works around two Keras 3 bugs that stop fit() under MultiWorkerMirroredStrategy.
+
+    Both are in Keras' TensorFlow trainer (keras-team/keras#20585) and are patched on this
+    model instance only:
+
+    * before the first step Keras reduces one distributed (images, labels) batch with
+      ``strategy.reduce`` to learn input shapes, which the multi-worker strategy cannot do
+      for a nested batch; only shapes matter there, so this worker's first replica's batch
+      is used instead;
+    * it averages each step's scalar logs with ``strategy.reduce(..., axis=0)``, which
+      fails on scalars; the steps here return them as length-1 vectors, which that
+      reduction averages over all replicas of all workers.
+    """
+    cls = type(model)
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    def vector_logs(step):
+        def run(data):
+            return {k: tf.reshape(v, [1]) for k, v in step(model, data).items()}
+        return run
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    model.train_step = vector_logs(cls.train_step)
+    model.test_step = vector_logs(cls.test_step)

@@ -1,0 +1,255 @@
+"""Evaluation of .keras and .tflite classifiers: top-1/top-5, per-class accuracy, confusion.
+
+Every runtime is fed the same pixels: the deterministic evaluation pipeline of
+:func:`keras_resnet.pipeline.data.eval_data` (raw 0..255 RGB; models built with
+``include_preprocessing=True`` normalise inside). A ``.keras`` file runs on Keras; a
+``.tflite`` file on the LiteRT interpreter (``runtime="litert"``) or, as an Android app
+using MediaPipe Tasks runs it, through MediaPipe's ImageClassifier with the file's own
+metadata (``runtime="mediapipe"``).
+
+``tta="flip"`` averages the class probabilities of each image and its mirror image
+(test-time augmentation; e.g. Simonyan & Zisserman 2015, §3.2).
+
+Example:
+    >>> from keras_resnet import pipeline
+    >>> report = pipeline.evaluate("runs/r20/model_int8.tflite", split="val")
+    >>> report["top1"], report["per_class"]["cat"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from keras_resnet.pipeline import data, rundir
+from keras_resnet.pipeline.errors import UserError, choose, first_line
+
+FORMATS = (".keras", ".tflite")
+RUNTIMES = ("litert", "mediapipe")
+TTA = ("none", "flip")
+
+
+class KerasPredictor:
+    """Scores batches with a .keras model (loaded with safe_mode on, not compiled)."""
+
+    format = "keras"
+
+    def __init__(self, path: str):
+        import keras
+
+        try:
+            self.model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as e:
+            raise UserError(f"could not load the Keras model {path} ({first_line(e)})") from e
+        shape = self.model.input_shape
+        self.image_size = shape[1] if isinstance(shape, tuple) else None
+        self.num_outputs = int(self.model.output_shape[-1])
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_on_batch(images), dtype=np.float32)
+
+
+def load_predictor(path, *, num_threads: int | None = None, runtime: str = "litert"):
+    """Loads a .keras or .tflite classifier as a callable: float raw pixels -> scores.
+
+    Args:
+        path: the model file.
+        num_threads: interpreter threads (.tflite only).
+        runtime: "litert" or "mediapipe" (.tflite only).
+    """
+    choose("runtime", runtime, RUNTIMES)
+    path = os.path.expanduser(os.fspath(path))
+    if not path.endswith(FORMATS):
+        raise UserError(f"model {path} must be a .keras or .tflite file")
+    if not os.path.isfile(path):
+        raise UserError(f"model file {path} does not exist")
+    if path.endswith(".keras"):
+        if runtime != "litert":
+            raise UserError(f"runtime={runtime} runs .tflite files; {path} is a Keras model")
+        return KerasPredictor(path)
+    if runtime == "mediapipe":
+        from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier
+
+        return MediaPipeClassifier(path)
+    from keras_resnet.pipeline.litert import LiteRTModel
+
+    return LiteRTModel(path=path, num_threads=num_threads)
+
+
+def probabilities(scores: np.ndarray) -> np.ndarray:
+    """Scores as probabilities: rows that already are (softmax outputs) stay as they are."""
+    scores = np.asarray(scores, np.float32)
+    if scores.size and scores.min() >= 0 and np.allclose(scores.sum(-1), 1, atol=0.02):
+        return scores
+    z = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def score(predictor, split: data.EvalData, *, labels=None, tta: str = "none") -> dict[str, Any]:
+    """Scores every image of a split.
+
+    Args:
+        predictor: a callable from :func:`load_predictor`.
+        split: the data, from :func:`keras_resnet.pipeline.data.eval_data`.
+        labels: the model's class names (its labels.txt), checked against the data's.
+        tta: "none", or "flip" to average the probabilities of each image and its mirror.
+
+    Returns:
+        A dict with ``images``, ``top1``, ``top5`` (None with 5 classes or fewer),
+        ``per_class`` ({name: {"accuracy", "count"}}), ``confusion_matrix`` (rows: true
+        class, columns: predicted), ``class_names`` and ``images_per_sec``.
+
+    Raises:
+        UserError: the model's class count or labels do not match the data.
+    """
+    choose("tta", tta, TTA)
+    names = list(split.class_names)
+    if predictor.num_outputs != len(names):
+        raise UserError(f"the model predicts {predictor.num_outputs} classes, the data has "
+                        f"{len(names)}")
+    if labels is not None and list(labels) != names:
+        raise UserError(f"the model's labels.txt lists classes {list(labels)[:5]}..., the "
+                        f"data's classes are {names[:5]}... (a different order or dataset)")
+    k = len(names)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    top5_hits = 0
+    seconds = 0.0
+    for images, y in split.dataset:
+        images = np.asarray(images, np.float32)
+        y = np.asarray(y)
+        start = time.perf_counter()
+        scores = predictor(images)
+        if tta == "flip":
+            scores = (probabilities(scores) + probabilities(predictor(images[:, :, ::-1]))) / 2
+        seconds += time.perf_counter() - start
+        np.add.at(confusion, (y, scores.argmax(axis=-1)), 1)
+        if k > 5:
+            top = np.argpartition(-scores, 5, axis=-1)[:, :5]
+            top5_hits += int((top == y[:, None]).any(axis=-1).sum())
+    total = int(confusion.sum())
+    counts = confusion.sum(axis=1)
+    per_class = {
+        name: {"accuracy": float(confusion[i, i] / counts[i]) if counts[i] else None,
+               "count": int(counts[i])}
+        for i, name in enumerate(names)
+    }
+    return {
+        "images": total,
+        "top1": float(np.trace(confusion) / total) if total else None,
+        "top5": float(top5_hits / total) if total and k > 5 else None,
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+        "class_names": names,
+        "images_per_sec": total / seconds if seconds else None,
+    }
+
+
+def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
+             data_dir: str | None = None, image_size: int | None = None,
+             batch_size: int = 64, val_fraction: float | None = None, seed: int | None = None,
+             num_threads: int | None = None, runtime: str = "litert", tta: str = "none",
+             output_json=None, confusion_png=None) -> dict[str, Any]:
+    """Evaluates a .keras or .tflite classifier on one split of a dataset.
+
+    Options left unset come from the training run's config.json next to the model
+    (dataset, data_dir, image size, val_fraction, seed), so evaluating a run needs only
+    its model; ``split="val"`` then reproduces the run's validation images. The run's
+    labels.txt fixes the class order (a folder holding only ``test/<class>/`` is fine).
+
+    Args:
+        model_path: the .keras or .tflite file.
+        split: train, val or test (or a TFDS split such as "test[:1000]").
+        dataset, data_dir: the data (default: the run's).
+        image_size: input side (default: the model's).
+        batch_size: evaluation batch size.
+        val_fraction, seed: as in training (default: the run's).
+        num_threads: LiteRT interpreter threads (.tflite only).
+        runtime: "litert" or "mediapipe" (.tflite only).
+        tta: "none", or "flip" (average over each image and its mirror).
+        output_json: also write the result here.
+        confusion_png: the confusion-matrix image (default: next to ``output_json``,
+            else next to the model).
+
+    Returns:
+        The result of :func:`score` plus the model, data and split it was measured on.
+    """
+    choose("tta", tta, TTA)
+    predictor = load_predictor(model_path, num_threads=num_threads, runtime=runtime)
+    run, run_labels = rundir.find_run(model_path)
+    run = run or {}
+    dataset = dataset or run.get("dataset")
+    if not dataset:
+        raise UserError("dataset= is required (the model has no training run's config.json "
+                        "next to it)")
+    same_data = dataset == run.get("dataset")
+    data_dir = data_dir or (run.get("data_dir") if same_data else None)
+    image_size = image_size or predictor.image_size or run.get("image_size")
+    if not image_size:
+        raise UserError("image_size= is required (the model's input size is not fixed)")
+    labels = getattr(predictor, "labels", None) or run_labels
+    evaluated = data.eval_data(
+        dataset, data_dir, split, int(image_size), batch_size,
+        val_fraction=val_fraction if val_fraction is not None else run.get("val_fraction", 0.1),
+        seed=seed if seed is not None else run.get("seed", 0),
+        num_classes=predictor.num_outputs,
+        class_names=tuple(labels) if labels and dataset == "folder" else None)
+    try:
+        results = score(predictor, evaluated, labels=labels if same_data else None, tta=tta)
+    finally:
+        if hasattr(predictor, "close"):
+            predictor.close()
+    model_path = os.path.abspath(os.path.expanduser(os.fspath(model_path)))
+    if confusion_png is None:
+        tag = "".join(c if c.isalnum() else "_" for c in split)
+        base = os.fspath(output_json) if output_json else model_path
+        confusion_png = os.path.splitext(base)[0] + f"_confusion_{tag}.png"
+    plot_confusion(results["confusion_matrix"], results["class_names"], confusion_png,
+                   title=f"{os.path.basename(model_path)} on {dataset} {split}: top-1 "
+                         f"{results['top1']:.4f}")
+    results = {"model": model_path, "format": predictor.format, "runtime": runtime
+               if predictor.format == "tflite" else "keras", "tta": tta, "dataset": dataset,
+               "data_dir": data_dir, "split": split, "image_size": int(image_size),
+               "skipped_images": len(evaluated.skipped), **results,
+               "confusion_png": os.path.abspath(confusion_png)}
+    if output_json:
+        folder = os.path.dirname(os.path.abspath(os.fspath(output_json)))
+        os.makedirs(folder, exist_ok=True)
+        with open(output_json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def plot_confusion(confusion, class_names, path, *, title: str = "") -> None:
+    """Writes the confusion matrix (rows normalised to recall) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    confusion = np.asarray(confusion, dtype=np.float64)
+    rows = confusion.sum(axis=1, keepdims=True)
+    share = np.divide(confusion, rows, out=np.zeros_like(confusion), where=rows > 0)
+    k = len(class_names)
+    side = min(4 + 0.35 * k, 30)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if k <= 40:  # beyond that, tick labels are unreadable
+        ax.set_xticks(range(k), class_names, rotation=90)
+        ax.set_yticks(range(k), class_names)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if confusion[i, j]:
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
+                            color="white" if share[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,322 @@
+"""Exports a run to TFLite and verifies every file on the LiteRT runtime.
+
+Modes (``modes=``; default ``all``):
+
+    float32    model_float32.tflite   the float model
+    float16    model_float16.tflite   float16 weights, float32 compute
+    dynamic    model_dynamic.tflite   dynamic-range: int8 weights, float activations
+    ptq_int8   model_ptq_int8.tflite  full-integer post-training quantization, calibrated
+                                      on images of the training data
+    qat_int8   model_int8.tflite      the QAT int8 model: the file qat() wrote, or
+                                      converted from model_qat.h5 when absent (or with
+                                      overwrite=True)
+
+``all`` includes qat_int8 only when qat() has run. Every graph ends in a softmax, so its
+scores are probabilities an app can threshold (MediaPipe's ``score_threshold``, a "top
+results above 50%" list), and carries TFLite metadata (:mod:`~keras_resnet.pipeline.metadata`):
+labels, input normalisation and description, so MediaPipe Tasks' ImageClassifier runs it
+as it is. Every file is audited (builtin ops only; int8 convs in int8 files) and run with
+LiteRT on the run's validation split; one table compares size, top-1, scores against the
+Keras float model and latency with 1 and 2 threads. A ``<file>.json`` next to each file is
+the hand-off for apps that do not read metadata.
+
+Example:
+    >>> from keras_resnet import pipeline
+    >>> report = pipeline.export("runs/r20", modes=["float32", "ptq_int8"])
+    >>> [(row["name"], row["top1"]) for row in report["rows"]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from keras_resnet.pipeline import data, metadata, rundir, tflite
+from keras_resnet.pipeline.errors import DataError, ExportError, choose
+from keras_resnet.pipeline.litert import LiteRTModel
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the verification table (accuracies in %, score differences absolute)."""
+
+    name: str
+    size: int
+    top1: float
+    top1_change: float
+    max_diff: float
+    mean_diff: float
+    latency_1: float
+    latency_2: float
+    int8: bool = False
+
+
+def top1(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float(np.mean(np.argmax(scores, axis=-1) == labels) * 100.0)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def with_softmax(model):
+    """The Keras 3 logits model with a softmax on top (the graph every export ends in)."""
+    import keras
+
+    if model.layers[-1].get_config().get("activation") == "softmax":
+        return model
+    probabilities = keras.layers.Activation("softmax", name="probabilities")(model.outputs[0])
+    return keras.Model(model.inputs, probabilities, name=model.name)
+
+
+def verify(content: bytes, *, name: str, images: np.ndarray, labels: np.ndarray,
+           reference: np.ndarray, reference_top1: float, int8: bool,
+           parity_samples: int = 100, latency_runs: int = 50) -> Row:
+    """Audits a file and measures it on the LiteRT runtime against the Keras float model.
+
+    Args:
+        content: the flatbuffer.
+        name: its label in the table.
+        images: validation images (float32 raw pixels).
+        labels: their integer labels.
+        reference: the Keras float model's probabilities on ``images``.
+        reference_top1: the Keras float model's top-1 (%) on ``images``.
+        int8: audit as an int8 file.
+        parity_samples: images on which score differences are measured.
+        latency_runs: timed single-image invocations per thread count.
+    """
+    tflite.audit(content, int8=int8, name=name)
+    scores = LiteRTModel(content, num_threads=2).predict(images)
+    accuracy = top1(scores, labels)
+    n = min(parity_samples, len(images))
+    diff = np.abs(scores[:n] - reference[:n])
+    latencies = [LiteRTModel(content, num_threads=t).latency_ms(images[0], runs=latency_runs)
+                 for t in (1, 2)]
+    return Row(name=name, size=len(content), top1=accuracy,
+               top1_change=accuracy - reference_top1, max_diff=float(diff.max()),
+               mean_diff=float(diff.mean()), latency_1=latencies[0], latency_2=latencies[1],
+               int8=int8)
+
+
+def format_table(rows: Sequence[Row], *, keras_top1: float, keras_size: int | None = None,
+                 samples: int, parity_samples: int) -> str:
+    """The verification table as Markdown."""
+    head = [f"LiteRT on {samples} validation images; score (softmax) differences vs Keras "
+            f"float on the first {min(parity_samples, samples)}; latency: median, batch 1.",
+            "",
+            "| format | size | size ratio | top-1 % | vs Keras | max score diff "
+            "| mean score diff | latency 1 thr (ms) | latency 2 thr (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| Keras float | {_size(keras_size)} | | {keras_top1:.2f} | | | | | |"]
+    base = next((r.size for r in rows if r.name.startswith("float32")), None)
+    lines = []
+    for r in rows:
+        ratio = f"{r.size / base:.3f}x" if base else ""
+        lines.append(f"| {r.name} | {_size(r.size)} | {ratio} | {r.top1:.2f} | "
+                     f"{r.top1_change:+.2f} | {r.max_diff:.4g} | {r.mean_diff:.4g} | "
+                     f"{r.latency_1:.2f} | {r.latency_2:.2f} |")
+    return "\n".join(head + lines)
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return ""
+    return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
+def handoff(content: bytes, *, model_file: str, labels_file: str = rundir.LABELS,
+            variant: str | None = None, top1: float | None = None,
+            images: int | None = None) -> dict:
+    """The sidecar for apps that do not read metadata: layout, dtypes and quantization.
+
+    Normalisation is inside the model, so the app feeds raw 0..255 RGB pixels.
+    """
+    runtime = LiteRTModel(content)
+
+    def tensor(details, kind):
+        entry = {"shape": [int(d) for d in details["shape"]],
+                 "dtype": np.dtype(details["dtype"]).name}
+        if details["dtype"] != np.float32:
+            scale, zero = details["quantization"]
+            entry["quantization"] = {"scale": float(scale), "zero_point": int(zero)}
+        entry.update(kind)
+        return entry
+
+    result = {
+        "model": model_file,
+        "labels": labels_file,
+        "metadata": "TFLite model metadata inside the file: labels, normalisation, "
+                    "description (MediaPipe Tasks reads it)",
+        "input": tensor(runtime.input, {
+            "layout": "NHWC", "color": "RGB", "range": [0, 255],
+            "normalization": "inside the model: feed raw 0..255 RGB pixels, no mean/std",
+        }),
+        "output": tensor(runtime.output, {
+            "meaning": "class probabilities (softmax) in labels.txt order",
+        }),
+    }
+    if variant:
+        result["architecture"] = variant
+    if top1 is not None and not math.isnan(top1):
+        result["validation_top1"] = round(top1, 2)
+        if images:
+            result["validation_images"] = int(images)
+    return result
+
+
+def _modes(run: rundir.Run, modes: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The modes to run, and notes on modes that ``all`` leaves out."""
+    requested = [m.strip() for m in modes if m.strip()]
+    unknown = [m for m in requested if m != "all" and m not in tflite.MODES]
+    if unknown or not requested:
+        raise ExportError(f"modes={','.join(modes)} is not valid; choose from "
+                          f"{', '.join(tflite.MODES)} or all")
+    if "all" not in requested:
+        return list(dict.fromkeys(requested)), []
+    result = list(tflite.MODES)
+    if not any((run.path / f).is_file() for f in (rundir.INT8_MODEL, rundir.QAT_MODEL)):
+        result.remove("qat_int8")
+        return result, ["qat_int8 left out: run qat first"]
+    return result, []
+
+
+def export(run_dir, modes: Sequence[str] = ("all",), *, io: str = "float32",
+           dataset: str | None = None, data_dir: str | None = None,
+           batch_size: int | None = None, representative_samples: int = 200,
+           eval_samples: int = 0, parity_samples: int = 100, latency_runs: int = 50,
+           max_accuracy_drop: float = 1.0, overwrite: bool = False) -> dict:
+    """Converts a run to TFLite files, audits them and verifies them on LiteRT.
+
+    Args:
+        run_dir: the run folder training wrote.
+        modes: float32, float16, dynamic, ptq_int8, qat_int8, or all.
+        io: input/output type of the int8 files: float32, int8 or uint8.
+        dataset, data_dir, batch_size: the data (default: the run's).
+        representative_samples: training images calibrating ptq_int8.
+        eval_samples: validation images to evaluate on (0: all).
+        parity_samples: validation images on which scores are compared with Keras.
+        latency_runs: timed single-image runs per thread count.
+        max_accuracy_drop: largest allowed top-1 drop (points) of an int8 file below the
+            Keras float model; ``report["failed"]`` lists the files beyond it.
+        overwrite: replace existing files.
+
+    Returns:
+        The report also written to export.json: Keras top-1, one row per file, the
+        sidecar names and the rows that failed ``max_accuracy_drop``; ``report["table"]``
+        is the Markdown table.
+
+    Raises:
+        UserError: bad arguments, an incomplete run, missing data, a failed conversion or
+            audit, or an existing file without ``overwrite``.
+    """
+    choose("io", io, tflite.IO_TYPES, error=ExportError)
+    run = rundir.read_run(run_dir)
+    modes, notes = _modes(run, modes)
+    for name, value, low in (("eval_samples", eval_samples, 0),
+                             ("parity_samples", parity_samples, 0),
+                             ("latency_runs", latency_runs, 1)):
+        if value < low:
+            raise ExportError(f"{name}={value} must be at least {low}")
+    with rundir.RunLock(run.path):
+        return _export(run, modes, notes, io=io, overwrite=overwrite,
+                       settings=run.data_settings(dataset=dataset, data_dir=data_dir,
+                                                  batch_size=batch_size),
+                       representative_samples=representative_samples,
+                       eval_samples=eval_samples, parity_samples=parity_samples,
+                       latency_runs=latency_runs, max_accuracy_drop=max_accuracy_drop)
+
+
+def _export(run, modes, notes, *, io, overwrite, settings, representative_samples,
+            eval_samples, parity_samples, latency_runs, max_accuracy_drop):
+    from keras_resnet.pipeline import calibration
+
+    # Whether qat_int8 reuses the file qat() wrote.
+    reuse_qat = ("qat_int8" in modes and (run.path / rundir.INT8_MODEL).is_file()
+                 and not overwrite)
+    if "qat_int8" in modes and not reuse_qat and not (run.path / rundir.QAT_MODEL).is_file():
+        raise ExportError(f"mode qat_int8 needs {run.path / rundir.QAT_MODEL}; run qat first")
+    writes = [m for m in modes if not (m == "qat_int8" and reuse_qat)]
+    if io != "float32" and not any(m in tflite.INT8_MODES for m in writes):
+        raise ExportError(f"io={io} applies to int8 files only; add ptq_int8 or qat_int8 to "
+                          "modes")
+    for mode in writes:
+        path = run.path / tflite.FILES[mode]
+        if path.exists() and not overwrite:
+            raise ExportError(f"{path} already exists; pass overwrite=True to replace it")
+    model = rundir.load_model(run)
+    common = {k: settings[k] for k in ("val_fraction", "seed", "num_classes")}
+    representative = None
+    if "ptq_int8" in writes:
+        if representative_samples < 1:
+            raise ExportError("representative_samples must be at least 1: full-integer "
+                              "quantization needs calibration images")
+        try:
+            train = data.eval_data(settings["dataset"], settings["data_dir"], "train",
+                                   settings["image_size"], settings["batch_size"], **common)
+        except DataError as e:
+            raise ExportError(f"no training images for the representative dataset ({e})") \
+                from None
+        representative = data.take(train.dataset, representative_samples)[0]
+    val = data.eval_data(settings["dataset"], settings["data_dir"], "val",
+                         settings["image_size"], settings["batch_size"], **common)
+    images, labels = data.take(val.dataset, eval_samples or val.size)
+    if not len(images):
+        raise ExportError(f"the validation split of {settings['dataset']} is empty")
+    keras_scores = softmax(model.predict(images, verbose=0))
+    keras_top1 = top1(keras_scores, labels)
+    _log(f"Keras float top-1 on {len(images)} validation images: {keras_top1:.2f}%")
+    for note in notes:
+        _log(note)
+
+    rows, sidecars = [], {}
+    # qat_int8 last: loading a QAT model imports tfmot, which switches tf.keras to tf_keras.
+    for mode in sorted(modes, key=lambda m: m == "qat_int8"):
+        path = run.path / tflite.FILES[mode]
+        int8 = mode in tflite.INT8_MODES
+        start = time.perf_counter()
+        reused = mode == "qat_int8" and reuse_qat
+        if reused:
+            content = path.read_bytes()
+            origin = "written by qat"
+        else:
+            source = (calibration.load_qat(run.path / rundir.QAT_MODEL) if mode == "qat_int8"
+                      else with_softmax(model))
+            content = tflite.convert(source, mode, io=io if int8 else "float32",
+                                     representative=representative)
+            tflite.audit(content, int8=int8, name=path.name)
+            content = metadata.attach(content, labels=run.labels, variant=run.variant,
+                                      description=metadata.describe_run(run, mode))
+            rundir.write_bytes_atomic(path, content)
+            origin = f"converted in {time.perf_counter() - start:.0f} s"
+        row = verify(content, name=f"{mode} ({path.name})", images=images, labels=labels,
+                     reference=keras_scores, reference_top1=keras_top1, int8=int8,
+                     parity_samples=parity_samples, latency_runs=latency_runs)
+        rows.append(row)
+        _log(f"{path.name}: {origin}; audit passed ({tflite.inspect(content).summary()})")
+        sidecar = path.with_suffix(".json")
+        rundir.write_json(sidecar, handoff(content, model_file=path.name, variant=run.variant,
+                                           top1=row.top1, images=len(images)))
+        sidecars[mode] = sidecar.name
+
+    keras_size = (run.path / rundir.MODEL).stat().st_size
+    table = format_table(rows, keras_top1=keras_top1, keras_size=keras_size,
+                         samples=len(images), parity_samples=parity_samples)
+    _log("")
+    _log(table)
+    failed = [r.name for r in rows if r.int8 and -r.top1_change > max_accuracy_drop]
+    report = {"keras_top1": keras_top1, "eval_images": len(images), "io": io,
+              "rows": [dataclasses.asdict(r) for r in rows], "handoff": sidecars,
+              "max_accuracy_drop": max_accuracy_drop, "failed": failed}
+    rundir.write_json(run.path / rundir.EXPORT_REPORT, report)
+    return {**report, "table": table}
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)

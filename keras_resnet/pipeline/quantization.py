@@ -1,0 +1,209 @@
+"""Quantization-aware training (QAT) of a trained run, ending in an int8 ``.tflite`` file.
+
+tensorflow-model-optimization (tfmot) quantizes only Keras 2 (``tf_keras``) models, so QAT
+works on a ``tf_keras`` twin built from the same architecture definition as the run's
+Keras 3 model, with the weights copied by layer name. :func:`qat` then wraps the twin
+(:mod:`~keras_resnet.pipeline.quantize_configs`), calibrates and fine-tunes it
+(:mod:`~keras_resnet.pipeline.calibration`), converts it to an audited int8 file with
+metadata and checks that file on the LiteRT runtime. It writes into the run folder:
+
+    model_qat.h5        the QAT model (tf_keras; load with :func:`calibration.load_qat`)
+    model_int8.tflite   the int8 TFLite model (builtin ops only, audited, with metadata)
+    model_int8.json     Android hand-off: input size, dtype, int8 scale/zero point
+    qat.json            twin difference, top-1 of the float, QAT and int8 models
+
+Example:
+    >>> from keras_resnet import pipeline
+    >>> report = pipeline.qat("runs/r20", epochs=1)
+    >>> report["int8_top1"]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from keras_resnet.pipeline import calibration, data, exporting, metadata, rundir, tflite
+from keras_resnet.pipeline.errors import QuantizeError, choose, first_line
+from keras_resnet.pipeline.litert import LiteRTModel
+from keras_resnet.pipeline.quantize_configs import check_variant, quantize_model
+
+# Probabilities of the twin must match the Keras 3 model's up to float32 rounding through
+# ~100 layers; a wrong weight or layer order shows up as differences of order 0.1.
+TWIN_TOLERANCE = 1e-3
+OUTPUTS = (rundir.QAT_MODEL, rundir.INT8_MODEL, "model_int8.json", rundir.QAT_REPORT)
+
+
+def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
+    """Builds the ``tf_keras`` twin of ``model`` and copies its weights by layer name.
+
+    The twin is built from the architecture in ``config.json`` by the same code as the
+    Keras 3 model, always in float32 (QAT fails under mixed precision), and ends in a
+    softmax: the quantized file then outputs probabilities (int8 softmax), as every
+    exported file does.
+
+    Args:
+        run: the run, for the architecture (``model``, ``model_options``, ``num_classes``).
+        model: the trained Keras 3 model.
+        sample: images to compare float outputs on (default: 4 random images).
+
+    Returns:
+        ``(twin, max_abs_diff)``: the twin and the largest difference of its probabilities
+        from the softmax of ``model``'s logits.
+
+    Raises:
+        QuantizeError: the variant is unknown, or ``model`` is not that architecture.
+    """
+    import tf_keras
+
+    import keras_resnet
+    from keras_resnet import weights as weights_lib
+
+    input_shape = tuple(model.input_shape[1:])
+    source = run.path / rundir.MODEL
+    try:
+        with keras_resnet.layer_library(tf_keras):
+            twin = keras_resnet.resnet(
+                **run.architecture, classes=run.num_classes, input_shape=input_shape,
+                include_preprocessing=True, classifier_activation="softmax",
+                **run.model_options)
+        problem = weights_lib.mismatch(model, twin)
+        if problem:
+            raise ValueError(f"it {problem}")
+        weights_lib.transfer_weights(model, twin)
+    except (ValueError, TypeError) as e:
+        raise QuantizeError(f"{source} is not the {run.variant} that config.json describes "
+                            f"({first_line(e)})") from None
+    if sample is None:
+        sample = np.random.default_rng(0).uniform(0, 255, (4, *input_shape)).astype("float32")
+    want = exporting.softmax(model(sample, training=False))
+    got = np.asarray(twin(sample, training=False), dtype="float32")
+    diff = float(np.max(np.abs(want - got)))
+    if not diff <= TWIN_TOLERANCE:
+        raise QuantizeError(f"the tf_keras twin of {source} differs from it by {diff:.3g} in "
+                            "the probabilities; the saved model does not match its "
+                            "architecture")
+    return twin, diff
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def qat(run_dir, *, epochs: int = 2, dataset: str | None = None, data_dir: str | None = None,
+        batch_size: int | None = None, learning_rate: float | None = None,
+        steps_per_epoch: int | None = None, calibration_steps: int = 32,
+        freeze_bn: bool = True, io: str = "float32", agreement_samples: int = 500,
+        overwrite: bool = False, verbose: str = "auto") -> dict:
+    """Quantization-aware training of a run folder, ending in ``model_int8.tflite``.
+
+    Args:
+        run_dir: the run folder training wrote (model.keras, config.json, labels.txt).
+        epochs: fine-tuning epochs.
+        dataset: dataset (default: the run's).
+        data_dir: data directory (default: the run's).
+        batch_size: batch size (default: the run's).
+        learning_rate: initial learning rate, cosine-decayed to 0 (default: 1% of the
+            run's).
+        steps_per_epoch: steps per epoch (default: one pass over the training data).
+        calibration_steps: training batches that set the quantization ranges first.
+        freeze_bn: keep the float run's BN statistics and affine parameters.
+        io: input/output type of model_int8.tflite: float32, int8 or uint8 (camera frames
+            go in as they are).
+        agreement_samples: validation images on which the int8 file is compared with the
+            QAT model.
+        overwrite: replace existing outputs.
+        verbose: Keras progress bar: auto (on a terminal), true or false.
+
+    Returns:
+        The figures also written to qat.json (top-1 of the float, QAT and int8 models, the
+        int8 file's ops and size, wall time).
+
+    Raises:
+        UserError: a bad argument, an incomplete run folder, data that differs from the
+            run's, a variant QAT cannot handle, a failed conversion or audit.
+    """
+    choose("io", io, tflite.IO_TYPES, error=QuantizeError)
+    for name, value in (("epochs", epochs), ("calibration_steps", calibration_steps),
+                        ("agreement_samples", agreement_samples)):
+        if value < 1:
+            raise QuantizeError(f"{name}={value} must be at least 1")
+    run = rundir.read_run(run_dir)
+    check_variant(run.variant)
+    with rundir.RunLock(run.path):
+        existing = [f for f in OUTPUTS if (run.path / f).exists()]
+        if existing and not overwrite:
+            raise QuantizeError(f"{run.path / existing[0]} already exists; pass "
+                                "overwrite=True to replace it")
+        return _qat(run, epochs=epochs, dataset=dataset, data_dir=data_dir,
+                    batch_size=batch_size, learning_rate=learning_rate,
+                    steps_per_epoch=steps_per_epoch, calibration_steps=calibration_steps,
+                    freeze_bn=freeze_bn, io=io, agreement_samples=agreement_samples,
+                    verbose=verbose)
+
+
+def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per_epoch,
+         calibration_steps, freeze_bn, io, agreement_samples, verbose):
+    settings = run.data_settings(dataset=dataset, data_dir=data_dir, batch_size=batch_size)
+    start = time.perf_counter()
+    model = rundir.load_model(run)
+    bundle = data.load_data(**settings, augment=True)
+    if bundle.val is None:
+        raise QuantizeError("the run has no validation split (val_fraction=0), so the "
+                            "quantized model cannot be checked")
+    if tuple(bundle.class_names) != run.labels:
+        raise QuantizeError(f"the classes of {settings['dataset']} differ from the run's "
+                            "labels.txt; pass the run's dataset")
+    val_images, val_labels = data.take(bundle.val, agreement_samples)
+    twin, diff = build_twin(run, model, sample=val_images[:32])
+    _log(f"tf_keras twin of {run.variant}: weights copied by layer name; max |probability "
+         f"difference| vs Keras 3 = {diff:.3g} on {min(32, len(val_images))} images")
+
+    if learning_rate is None:
+        learning_rate = 0.01 * float(run.config.get("learning_rate") or 0.1)
+    qat_model = quantize_model(twin, variant=run.variant)
+    used = calibration.calibrate(qat_model, bundle.train, steps=calibration_steps)
+    float_top1 = exporting.top1(np.asarray(model.predict(val_images, verbose=0)), val_labels)
+    before = exporting.top1(qat_model.predict(val_images, verbose=0), val_labels)
+    _log(f"calibrated quantization ranges on {used} batches; top-1 on {len(val_images)} "
+         f"validation images: float {float_top1:.2f}%, QAT before fine-tuning {before:.2f}%")
+    fit_verbose = {"auto": 1 if sys.stdout.isatty() else 2, "true": 1, "false": 2}.get(
+        verbose, 2)
+    calibration.fine_tune(qat_model, bundle.train, bundle.val, epochs=epochs,
+                          learning_rate=learning_rate, freeze_bn=freeze_bn,
+                          steps_per_epoch=steps_per_epoch, verbose=fit_verbose)
+    qat_logits = qat_model.predict(val_images, verbose=0)
+    after = exporting.top1(qat_logits, val_labels)
+
+    calibration.save_qat(qat_model, run.path / rundir.QAT_MODEL)
+    content = tflite.convert(qat_model, "qat_int8", io=io)
+    report = tflite.audit(content, int8=True, name=rundir.INT8_MODEL)
+    content = metadata.attach(content, labels=run.labels, variant=run.variant,
+                              description=metadata.describe_run(run, "qat_int8"))
+    rundir.write_bytes_atomic(run.path / rundir.INT8_MODEL, content)
+    int8_logits = LiteRTModel(content, num_threads=2).predict(val_images)
+    int8_top1 = exporting.top1(int8_logits, val_labels)
+    agreement = float(np.mean(int8_logits.argmax(-1) == qat_logits.argmax(-1)) * 100)
+    handoff = exporting.handoff(content, model_file=rundir.INT8_MODEL, variant=run.variant,
+                                top1=int8_top1, images=len(val_images))
+    rundir.write_json(run.path / "model_int8.json", handoff)
+    figures = {
+        "variant": run.variant, "twin_max_abs_probability_diff": diff,
+        "calibration_batches": used, "epochs": epochs, "learning_rate": learning_rate,
+        "freeze_bn": freeze_bn, "io": io, "eval_images": len(val_images),
+        "float_top1": float_top1, "qat_top1_before_fine_tuning": before,
+        "qat_top1": after, "int8_top1": int8_top1,
+        "int8_vs_qat_top1_agreement": agreement,
+        "int8_ops": dict(report.ops), "int8_bytes": len(content),
+        "wall_time_s": time.perf_counter() - start,
+    }
+    rundir.write_json(run.path / rundir.QAT_REPORT, figures)
+    _log(f"top-1 on {len(val_images)} validation images: float {float_top1:.2f}%, QAT "
+         f"{after:.2f}%, int8 TFLite {int8_top1:.2f}% (int8 agrees with QAT on "
+         f"{agreement:.1f}%)")
+    _log(f"op audit: builtin ops only, every conv/FC in int8 ({report.summary()})")
+    _log(f"wrote {run.path / rundir.QAT_MODEL}, {run.path / rundir.INT8_MODEL} "
+         f"({len(content) / 1024:.1f} KiB, with metadata), model_int8.json, qat.json")
+    return figures

@@ -1,0 +1,421 @@
+"""Where images come from: image folders, scikit-learn digits and TFDS datasets.
+
+A source yields unbatched :class:`Split` elements ``(x, label)``; the pipelines in
+:mod:`keras_resnet.pipeline.data` decode, transform and batch them.
+
+* ``folder``: ``data_dir/<class>/*.jpg``, or ``data_dir/{train,val,test}/<class>/*.jpg``
+  (any of the three; an evaluation set alone, ``data_dir/test/<class>``, is fine). With no
+  ``val/`` folder, ``val_fraction`` of every class of ``train`` is carved off (stratified,
+  a fixed function of ``seed``). Files are checked up front; unreadable ones are skipped.
+* ``digits``: scikit-learn's bundled 1,797 8x8 digits, upscaled, 3-channel 0..255 pixels.
+  Every fifth image is the fixed ``test`` split; validation is carved from the rest.
+* any TFDS image-classification name, read from an already prepared ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from keras_resnet.pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+BUILTIN_DATASETS = ("folder", "digits", "synthetic")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DIGITS_TEST_EVERY = 5
+
+
+@dataclasses.dataclass
+class Split:
+    """Unbatched elements ``(x, label)`` of one split before preprocessing.
+
+    ``x`` is a file path (``files=True``) or a decoded uint8 image of any size.
+    """
+
+    elements: tf.data.Dataset
+    size: int
+    files: bool
+    flip: bool = True
+    # Datasets of tiny images (digits) keep CIFAR-style augmentation at any size.
+    small_style: bool | None = None
+    encoded_bytes: int = 0  # total file size, for the cache budget of large images
+
+
+def training_splits(dataset, data_dir, val_fraction, seed):
+    """Returns (train Split, val Split or None, class_names, skipped)."""
+    if dataset == "folder":
+        return _folder_splits(data_dir, val_fraction, seed)
+    if dataset == "digits":
+        return _digits_splits(val_fraction, seed)
+    return _tfds_splits(dataset, data_dir, val_fraction, seed)
+
+
+def named_split(dataset, data_dir, split, val_fraction, seed, class_names=None):
+    """Returns (Split, class_names, skipped) of one named split.
+
+    ``class_names`` fixes the label order of a folder dataset (e.g. a run's labels.txt).
+    """
+    if dataset == "folder":
+        return _folder_eval_split(data_dir, split, val_fraction, seed, class_names)
+    if dataset == "digits":
+        if split == "test":
+            x, y, names = _digits_arrays(test=True)
+            return _digits_split(x, y), names, ()
+        train, val, names, _ = _digits_splits(val_fraction, seed)
+        return _pick(dataset, split, {"train": train, "val": val}), names, ()
+    return _tfds_eval_split(dataset, data_dir, split, val_fraction)
+
+
+def _pick(dataset, split, available):
+    if split not in available:
+        raise DataError(
+            f"split={split!r} is not available for {dataset}; choose one of "
+            f"{', '.join(available)}"
+        )
+    return available[split]
+
+
+# ---- image folders
+
+
+def _folder_root(data_dir) -> str:
+    if not data_dir:
+        raise DataError("dataset=folder needs data_dir, the folder holding one "
+                        "sub-folder per class")
+    root = os.path.expanduser(os.fspath(data_dir))
+    if not os.path.isdir(root):
+        raise DataError(f"data_dir {root} does not exist or is not a folder")
+    return root
+
+
+def _split_dirs(root) -> dict[str, str] | None:
+    """{"train": path, "val": path, "test": path} (those present), or None for a flat
+    layout (class folders directly in ``root``)."""
+    dirs = {}
+    for split, names in (("train", ("train",)), ("val", ("val", "validation")),
+                         ("test", ("test",))):
+        for name in names:
+            if os.path.isdir(os.path.join(root, name)):
+                dirs[split] = os.path.join(root, name)
+                break
+    return dirs or None
+
+
+def _folder_splits(data_dir, val_fraction, seed):
+    root = _folder_root(data_dir)
+    dirs = _split_dirs(root)
+    if dirs and "train" not in dirs:
+        raise DataError(f"data_dir {root} has {'/, '.join(dirs)}/ but no train/ folder; "
+                        f"training needs {root}/train/<class>/ images (or class folders "
+                        f"directly in {root})")
+    train_root = dirs["train"] if dirs else root
+    paths, labels, class_names, skipped = list_image_folder(train_root)
+    if dirs and "val" in dirs:
+        vpaths, vlabels, _, vskipped = list_image_folder(dirs["val"], class_names=class_names)
+        skipped += vskipped
+    else:
+        (paths, labels), (vpaths, vlabels) = carve(paths, labels, val_fraction, seed)
+    val = _files_split(vpaths, vlabels) if vpaths else None
+    _warn_skipped(skipped)
+    return _files_split(paths, labels), val, class_names, skipped
+
+
+def _folder_eval_split(data_dir, split, val_fraction, seed, class_names=None):
+    """One split of a folder dataset; ``class_names`` (e.g. a run's labels.txt) fixes the
+    label order, else the train/ folders do, else the split's own folders."""
+    root = _folder_root(data_dir)
+    dirs = _split_dirs(root) or {}
+    if split not in ("train", "val", "test"):
+        raise DataError(f"split={split!r} is not valid for a folder dataset; choose one of "
+                        "train, val, test")
+    if split in dirs and split != "train":
+        if class_names is None and "train" in dirs:
+            class_names = folder_classes(dirs["train"])
+        paths, labels, class_names, skipped = list_image_folder(dirs[split],
+                                                                class_names=class_names)
+    elif split == "test":
+        raise DataError(f"data_dir {root} has no test/ folder, so there is no test split; "
+                        f"put the test images in {root}/test/<class>/ or use split=val")
+    elif dirs and "train" not in dirs:
+        raise DataError(f"data_dir {root} has {'/, '.join(dirs)}/ but no train/ folder, so "
+                        f"there is no {split} split; use split={next(iter(dirs))}")
+    else:
+        paths, labels, class_names, skipped = list_image_folder(dirs.get("train", root),
+                                                                class_names=class_names)
+        if "val" not in dirs:
+            train, val = carve(paths, labels, val_fraction, seed)
+            paths, labels = train if split == "train" else val
+    _warn_skipped(skipped)
+    return _files_split(paths, labels), class_names, skipped
+
+
+def folder_classes(root: str) -> list[str]:
+    """The class sub-folder names of ``root``, sorted (the label order of a folder)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def list_image_folder(root: str, *, class_names: Sequence[str] | None = None,
+                      check_images: bool = True):
+    """Lists ``root/<class>/**/<image>`` files.
+
+    Args:
+        root: folder with one sub-folder per class.
+        class_names: the label order to use (e.g. the training split's); a sub-folder not
+            in it is an error. Default: the sorted sub-folder names.
+        check_images: cheaply check every file (non-empty, a known image signature, and
+            for JPEG/PNG/GIF the end-of-image marker present) so truncated or mislabelled
+            files are skipped up front instead of failing inside tf.data.
+
+    Returns:
+        (paths, labels, class_names, skipped): sorted paths, int labels, the class names
+        and the skipped files.
+
+    Raises:
+        DataError: no class folders, an unknown class, or a class with no usable image.
+    """
+    found = folder_classes(root)
+    if not found:
+        raise DataError(
+            f"{root} has no class sub-folders; expected {root}/<class>/<image>.jpg (or "
+            "train/, val/, test/ folders that each hold class folders)"
+        )
+    if class_names is None:
+        class_names = found
+    else:
+        unknown = sorted(set(found) - set(class_names))
+        if unknown:
+            raise DataError(f"{root} has class folders {unknown} that the training split "
+                            "does not have")
+    class_names = list(class_names)
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue  # a validation/test folder may lack a class
+        files = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        if not files:
+            raise DataError(
+                f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        paths += files
+        labels += [label] * len(files)
+    skipped = []
+    if check_images:
+        ok = _check_files(paths)
+        skipped = [p for p, good in zip(paths, ok, strict=True) if not good]
+        paths = [p for p, good in zip(paths, ok, strict=True) if good]
+        labels = [lab for lab, good in zip(labels, ok, strict=True) if good]
+        have = set(labels)
+        for label, name in enumerate(class_names):
+            if label not in have and os.path.isdir(os.path.join(root, name)):
+                raise DataError(f"class folder {os.path.join(root, name)} has no readable "
+                                "image (all are empty, truncated or not images)")
+    return paths, labels, class_names, skipped
+
+
+def _image_file_ok(path: str) -> bool:
+    """Whether a file looks like a whole image: known signature and end marker."""
+    try:
+        size = os.path.getsize(path)
+        if size < 16:
+            return False
+        with open(path, "rb") as f:
+            head = f.read(16)
+            f.seek(max(0, size - 4096))
+            tail = f.read()
+    except OSError:
+        return False
+    if head.startswith(b"\xff\xd8"):
+        # Entropy-coded JPEG data escapes 0xFF, so FFD9 only appears as end-of-image;
+        # allow trailing padding after it.
+        return b"\xff\xd9" in tail
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" in tail[-64:]
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return b"\x3b" in tail[-16:]
+    if head.startswith(b"BM"):
+        return int.from_bytes(head[2:6], "little") <= size
+    return False
+
+
+def _check_files(paths: list[str]) -> list[bool]:
+    # Checks are I/O bound (two small reads per file), so threads overlap the waits.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(_image_file_ok, paths, chunksize=256))
+
+
+def _warn_skipped(skipped):
+    if skipped:
+        log.warning("skipped %d unreadable, empty or truncated image file(s), e.g. %s",
+                    len(skipped), skipped[0])
+
+
+def carve(paths: Sequence, labels: Sequence[int], val_fraction: float, seed: int):
+    """Splits off ``val_fraction`` of every class, as a fixed function of ``seed``.
+
+    Returns:
+        ((train_paths, train_labels), (val_paths, val_labels)), each in input order.
+    """
+    labels_arr = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    is_val = np.zeros(len(labels_arr), dtype=bool)
+    for label in np.unique(labels_arr):
+        idx = np.flatnonzero(labels_arr == label)
+        n_val = min(round(len(idx) * val_fraction), len(idx) - 1)
+        if n_val > 0:
+            is_val[rng.permutation(idx)[:n_val]] = True
+
+    def take(mask):
+        return [paths[i] for i in np.flatnonzero(mask)], labels_arr[mask].tolist()
+
+    return take(~is_val), take(is_val)
+
+
+def _files_split(paths, labels) -> Split:
+    encoded = sum(os.path.getsize(p) for p in paths) if len(paths) <= 200_000 else 0
+    elements = tf.data.Dataset.from_tensor_slices(
+        (tf.constant(paths, tf.string), tf.constant(labels, tf.int32)))
+    return Split(elements, len(paths), files=True, encoded_bytes=encoded)
+
+
+# ---- digits
+
+
+def _digits_arrays(*, test: bool):
+    from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
+
+    digits = load_digits()
+    index = np.arange(len(digits.target))
+    keep = (index % DIGITS_TEST_EVERY == DIGITS_TEST_EVERY - 1) == test
+    # 0..16 ink levels to 0..255 grey, repeated over RGB.
+    images = np.round(digits.images[keep] * (255.0 / 16.0)).astype("uint8")[..., None]
+    images = np.repeat(images, 3, axis=-1)
+    return images, digits.target[keep].astype("int32"), [str(d) for d in range(10)]
+
+
+def _digits_split(images, labels) -> Split:
+    elements = tf.data.Dataset.from_tensor_slices((images, labels))
+    return Split(elements, len(labels), files=False, flip=False, small_style=True)
+
+
+def _digits_splits(val_fraction, seed):
+    images, labels, names = _digits_arrays(test=False)
+    (tr, tr_y), (va, va_y) = carve(np.arange(len(labels)), labels, val_fraction, seed)
+    train = _digits_split(images[tr], np.asarray(tr_y, "int32"))
+    val = _digits_split(images[va], np.asarray(va_y, "int32")) if va else None
+    return train, val, names, []
+
+
+
+# ---- TFDS
+
+
+def _tfds_builder(name, data_dir):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - part of the training extras
+        raise DataError(f"dataset {name!r} needs tensorflow-datasets ({e}); install "
+                        "keras_resnet[train]") from e
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DataError(
+            f"dataset {name!r} is neither {', '.join(BUILTIN_DATASETS)} nor a TFDS dataset "
+            "name (e.g. cifar10, cifar100, imagenette, imagenet2012)"
+        ) from e
+    # Offline, download_and_prepare hangs for minutes before failing, so never call it:
+    # the data must already be prepared in data_dir.
+    if not builder.is_prepared():
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (nothing is "
+            f"downloaded here); run `tfds build {name} --data_dir=DIR` where it can be "
+            "downloaded and pass that DIR as data_dir"
+        )
+    return builder
+
+
+def _tfds_keys(builder):
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    keys = builder.info.supervised_keys
+    if keys and len(keys) == 2 and isinstance(keys[0], str) and isinstance(keys[1], str):
+        image_key, label_key = keys
+    else:
+        image_key = next((k for k, f in features.items()
+                          if isinstance(f, tfds.features.Image)), None)
+        label_key = next((k for k, f in features.items()
+                          if isinstance(f, tfds.features.ClassLabel)), None)
+    if (image_key not in features or label_key not in features
+            or not isinstance(features[image_key], tfds.features.Image)
+            or not isinstance(features[label_key], tfds.features.ClassLabel)):
+        raise DataError(f"TFDS dataset {builder.name!r} is not an image-classification "
+                        "dataset (it has no image feature with a class label)")
+    return image_key, label_key, list(features[label_key].names)
+
+
+def _tfds_split(builder, split, *, shuffle, seed=0) -> Split:
+    import tensorflow_datasets as tfds
+
+    image_key, label_key, _ = _tfds_keys(builder)
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle,
+                            read_config=tfds.ReadConfig(shuffle_seed=seed))
+    ds = ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)),
+                num_parallel_calls=AUTOTUNE)
+    return Split(ds, builder.info.splits[split].num_examples, files=False)
+
+
+def _tfds_val_name(builder):
+    return next((s for s in ("validation", "val") if s in builder.info.splits), None)
+
+
+def _tfds_carve(builder, val_fraction):
+    n = builder.info.splits["train"].num_examples
+    n_val = round(n * val_fraction)
+    # TFDS stores records shuffled, so the tail of train is a random sample.
+    return f"train[:{n - n_val}]", (f"train[{n - n_val}:]" if n_val else None)
+
+
+def _tfds_splits(name, data_dir, val_fraction, seed):
+    builder = _tfds_builder(name, data_dir)
+    _, _, class_names = _tfds_keys(builder)
+    if "train" not in builder.info.splits:
+        raise DataError(f"TFDS dataset {name!r} has no train split (it has "
+                        f"{', '.join(builder.info.splits)})")
+    val_name = _tfds_val_name(builder)
+    train_name = "train"
+    if val_name is None:
+        train_name, val_name = _tfds_carve(builder, val_fraction)
+    train = _tfds_split(builder, train_name, shuffle=True, seed=seed)
+    val = _tfds_split(builder, val_name, shuffle=False) if val_name else None
+    return train, val, class_names, []
+
+
+def _tfds_eval_split(name, data_dir, split, val_fraction):
+    builder = _tfds_builder(name, data_dir)
+    _, _, class_names = _tfds_keys(builder)
+    if split in ("train", "val") and _tfds_val_name(builder) is None:
+        train_name, val_name = _tfds_carve(builder, val_fraction)
+        split = train_name if split == "train" else val_name
+        if split is None:
+            raise DataError(f"val_fraction=0 leaves {name} without a validation split")
+    elif split == "val":
+        split = _tfds_val_name(builder)
+    try:
+        chosen = _tfds_split(builder, split, shuffle=False)
+    except (KeyError, ValueError) as e:
+        raise DataError(f"split={split!r} is not available for {name}; it has "
+                        f"{', '.join(builder.info.splits)}") from e
+    return chosen, class_names, []

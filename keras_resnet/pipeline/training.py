@@ -1,0 +1,384 @@
+"""Training: one experiment from a :class:`~keras_resnet.pipeline.config.TrainConfig`.
+
+:func:`train` builds and compiles the model inside the distribution strategy's scope,
+fits it with the run's input pipeline and writes the run folder (see
+:mod:`keras_resnet.pipeline.rundir`). Models are built with ``include_preprocessing=True``
+and ``classifier_activation=None``: they take raw 0..255 RGB pixels and return logits.
+
+Running the same config again after an interruption resumes after the last completed
+epoch (weights, optimizer state, epoch, best score and history are restored) and finishes
+with the requested number of epochs. A folder holding a run of another model, or a run
+started with other options (anything but ``epochs`` and options that cannot change results
+such as ``verbose``), is refused, and so is a folder another process is writing.
+
+Example:
+    >>> from keras_resnet import pipeline
+    >>> metrics = pipeline.train(pipeline.TrainConfig(depth=20, dataset="digits", epochs=3,
+    ...                                               model_dir="/tmp/run"))
+    >>> metrics["val_accuracy"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_resnet
+from keras_resnet import weights as weights_lib
+from keras_resnet.pipeline import callbacks, data, distribute, optimization, rundir
+from keras_resnet.pipeline.config import (
+    AUTO_BOOL,
+    ResolvedConfig,
+    TrainConfig,
+    resolve,
+    resume_conflicts,
+)
+from keras_resnet.pipeline.errors import (
+    ResumeMismatch,
+    TrainingStopped,
+    UserError,
+    first_line,
+)
+
+log = logging.getLogger(__name__)
+
+
+def truthy(value: str, auto: bool) -> bool:
+    """Resolves an auto/true/false option."""
+    assert value in AUTO_BOOL
+    return auto if value == "auto" else value == "true"
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(resolved: ResolvedConfig, num_classes: int) -> keras.Model:
+    """Builds the run's model (raw-pixel input, logits out) with its initial weights."""
+    size = resolved.image_size
+    try:
+        model = keras_resnet.resnet(
+            **resolved.architecture_arg, classes=num_classes, input_shape=(size, size, 3),
+            include_preprocessing=True, classifier_activation=None,
+            **resolved.model_options)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if resolved.initial_weights:
+        load_initial_weights(model, resolved)
+    return model
+
+
+def load_initial_weights(model: keras.Model, resolved: ResolvedConfig) -> None:
+    """Sets every layer but the head from "imagenet" or a .keras / .weights.h5 file.
+
+    The model stays one flat functional graph: weights are copied layer by layer by name
+    from a source model, never by nesting that model.
+    """
+    spec = resolved.initial_weights
+    size = resolved.image_size
+    if spec == "imagenet":
+        try:
+            source = keras_resnet.resnet(variant=resolved.model, weights="imagenet",
+                                         include_top=False, include_preprocessing=True,
+                                         input_shape=(size, size, 3))
+        except Exception as e:  # download or file errors: report them in one sentence
+            raise UserError(f"could not load the ImageNet weights of {resolved.model} "
+                            f"({first_line(e)}); check the network or the keras cache "
+                            "(~/.keras/models)") from e
+        what = f"the ImageNet weights of {resolved.model}"
+    elif spec.endswith(".keras"):
+        what = os.path.expanduser(spec)
+        try:
+            source = keras.saving.load_model(what, compile=False, safe_mode=True)
+        except Exception as e:
+            raise UserError(f"could not load initial_weights {what} ({first_line(e)})") from e
+    else:
+        what = os.path.expanduser(spec)
+        source = _model_for_weights_file(what, resolved)
+    problem = weights_lib.mismatch(source, model, ignore=("predictions", "preprocess"))
+    if problem:
+        raise UserError(f"initial_weights {what} {problem}, so it is not a {model.name} "
+                        "network")
+    copied = weights_lib.transfer_weights(source, model, skip=("predictions",))
+    log.info("initialised %d layers from %s; new head", copied, what)
+
+
+def _model_for_weights_file(path: str, resolved: ResolvedConfig) -> keras.Model:
+    """A model of the run's variant holding a Keras 3 .weights.h5 file (by layer order)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            dense = []
+            f.visititems(lambda name, obj: dense.append(obj.shape)
+                         if name.startswith("layers/dense") and name.endswith("vars/0")
+                         else None)
+    except OSError as e:
+        raise UserError(f"initial_weights {path} is not a readable HDF5 file ({e})") from e
+    classes = dense[-1][-1] if dense else None
+    size = resolved.image_size
+    errors = []
+    for preprocessing in (True, False):
+        try:
+            source = keras_resnet.resnet(
+                **resolved.architecture_arg, classes=classes, include_top=bool(dense),
+                input_shape=(size, size, 3), include_preprocessing=preprocessing,
+                classifier_activation=None, **resolved.model_options)
+            source.load_weights(path)
+            return source
+        except Exception as e:
+            errors.append(first_line(e))
+    raise UserError(f"initial_weights {path} does not hold {resolved.model} weights "
+                    f"({errors[0]})")
+
+
+def _set_trainable(model, head_only, original, freeze_bn):
+    for layer in model.layers:
+        trainable = original[layer.name]
+        if head_only and layer.name != "predictions":
+            trainable = False
+        if freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
+            trainable = False
+        layer.trainable = trainable
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a run depends on (recorded in config.json)."""
+    out = {"python": platform.python_version(), "keras_resnet": keras_resnet.__version__,
+           "tensorflow": tf.__version__, "keras": keras.__version__,
+           "numpy": np.__version__}
+    try:
+        import tensorflow_datasets as tfds
+
+        out["tensorflow_datasets"] = tfds.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) one experiment; returns the final metrics (also metrics.json).
+
+    Raises:
+        UserError: bad options, data or model_dir (RunLocked while another process
+            writes it, ResumeMismatch for changed options); TrainingStopped when the loss
+            became NaN or infinite (the last good checkpoint is kept).
+    """
+    start = time.perf_counter()
+    resolved = resolve(config)
+    # A multi-worker strategy must exist before any other TensorFlow work.
+    strategy = distribute.make_strategy(resolved.strategy)
+    replicas = strategy.num_replicas_in_sync
+    if resolved.batch_size % replicas:
+        raise UserError(f"batch_size={resolved.batch_size} does not divide evenly over "
+                        f"{replicas} replicas; use a multiple of {replicas}")
+    # Only the chief writes the run folder; other workers read its checkpoints.
+    chief = distribute.is_chief(strategy)
+    run_dir = os.path.abspath(os.path.expanduser(resolved.model_dir))
+    if not chief:
+        return _train(resolved, strategy, run_dir, chief=False, start=start)
+    with rundir.RunLock(run_dir):
+        return _train(resolved, strategy, run_dir, chief=True, start=start)
+
+
+def check_resume(run_dir: str, resolved: ResolvedConfig) -> None:
+    """Refuses to continue a run that was started with other options.
+
+    Raises:
+        ResumeMismatch: naming each option with its recorded and its new value.
+    """
+    if resolved.overwrite or rundir.read_checkpoint_state(run_dir) is None:
+        return
+    old = rundir.read_config(run_dir)
+    conflicts = resume_conflicts(old or {}, resolved)
+    if conflicts:
+        raise ResumeMismatch(
+            f"model_dir {run_dir} holds a run started with other options "
+            f"({'; '.join(conflicts)}); pass the options it was started with to resume it "
+            "(only epochs may change), overwrite=True to start again, or another model_dir")
+
+
+def _train(resolved, strategy, run_dir, *, chief, start):
+    batch = resolved.batch_size
+    replicas = strategy.num_replicas_in_sync
+    if chief:
+        partial = {"model": resolved.model, "model_options": resolved.model_options,
+                   "image_size": resolved.image_size}
+        rundir.check_model_dir(run_dir, partial, overwrite=resolved.overwrite)
+        check_resume(run_dir, resolved)
+
+    keras.utils.set_random_seed(resolved.seed)
+    bundle = data.load_data(
+        resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
+        batch_size=batch, val_fraction=resolved.val_fraction, seed=resolved.seed,
+        augment=resolved.augment, cache_budget=resolved.cache_budget_mb * 2**20)
+    num_classes = bundle.num_classes
+    record = resolved.to_dict()
+    record["num_classes"] = num_classes
+    if chief:
+        rundir.check_model_dir(run_dir, {k: record[k] for k in rundir.IDENTITY_KEYS},
+                               overwrite=False)
+    state = rundir.read_checkpoint_state(run_dir)
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    mixed = truthy(resolved.mixed_precision, gpu)
+    jit = truthy(resolved.jit_compile, gpu and replicas == 1)
+    if mixed and not gpu:
+        raise UserError("mixed_precision=true needs a GPU (float16 is slow and inexact on "
+                        "CPU); use mixed_precision=auto")
+    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
+
+    steps = resolved.steps_per_epoch or bundle.steps_per_epoch(batch)
+    epochs = resolved.epochs
+    record.update({
+        "replicas": replicas, "per_replica_batch_size": batch // replicas,
+        "strategy_resolved": distribute.strategy_name(strategy),
+        "mixed_precision_resolved": mixed, "jit_compile_resolved": jit,
+        "steps_per_epoch_resolved": steps, "train_images": bundle.train_size,
+        "val_images": bundle.val_size, "skipped_images": len(bundle.skipped),
+        "cached_in_memory": bundle.cached,
+        "augmentation": data.augmentation_style(resolved.image_size),
+        "input": "raw RGB pixels 0..255 (float32); normalisation is inside the model",
+        "output": "logits", "versions": versions(),
+    })
+    schedule = optimization.run_schedule(resolved, steps)
+
+    def one_hot(x, y):
+        return x, tf.one_hot(y, num_classes)
+
+    val_ds = bundle.val.map(one_hot) if bundle.val is not None else None
+
+    with strategy.scope():
+        model = build_model(resolved, num_classes)
+        original = {layer.name: layer.trainable for layer in model.layers}
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            distribute.patch_for_multiworker(model, strategy)
+        if resolved.optimizer != "adamw":
+            optimization.add_weight_decay(model, resolved.weight_decay)
+    if chief:
+        # Written once the model is known to build, so bad options leave no run behind.
+        rundir.write_atomic(os.path.join(run_dir, rundir.CONFIG),
+                            json.dumps(record, indent=1, sort_keys=True, default=str))
+        rundir.write_atomic(os.path.join(run_dir, rundir.LABELS),
+                            "\n".join(bundle.class_names) + "\n")
+
+    state = state or {"epoch": 0, "history": [], "best_val_accuracy": -1.0}
+    state["wall_time_before_s"] = state.get("wall_time_s", 0.0)
+    done = state["epoch"]
+    if done:
+        print(f"resuming {run_dir} after epoch {done}/{epochs}", flush=True)
+    freeze = resolved.freeze_backbone_epochs
+    phases = [(0, freeze, True), (freeze, epochs, False)] if freeze else [(0, epochs, False)]
+    # A checkpoint is restored into the phase (head-only or whole network) that saved it,
+    # because its optimizer state covers that phase's trainable variables.
+    ckpt_phase = min(state.get("phase", 0), len(phases) - 1) if done else -1
+    verbose = 1 if truthy(resolved.verbose, sys.stdout.isatty()) else 0
+    iterations = 0
+    for index, (first, last, head_only) in enumerate(phases):
+        loading = index == ckpt_phase
+        if index < ckpt_phase or (last <= done and not loading):
+            continue
+        with strategy.scope():
+            _set_trainable(model, head_only, original, resolved.freeze_bn)
+            optimizer = optimization.make_optimizer(resolved, schedule)
+            optimization.compile_model(model, resolved, optimizer, num_classes,
+                                       jit_compile=jit)
+            if loading:
+                _restore(model, optimizer, run_dir, state)
+            elif iterations:
+                optimizer.iterations.assign(iterations)  # the schedule continues
+        begin = max(first, done)
+        if begin < last:
+            _fit(model, resolved, bundle, val_ds, one_hot, state=state, run_dir=run_dir,
+                 chief=chief, phase=index, begin=begin, last=last, steps=steps,
+                 verbose=verbose, start=start)
+        iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
+        done = max(done, last)
+    _set_trainable(model, False, original, resolved.freeze_bn)
+    return _finish(model, state, resolved, run_dir, start, bundle, chief=chief)
+
+
+def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase, begin,
+         last, steps, verbose, start):
+    monitor = callbacks.RunMonitor(
+        run_dir=run_dir, chief=chief, state=state, phase=phase,
+        batch_size=resolved.batch_size, steps_per_epoch=steps,
+        keep=resolved.keep_checkpoints, total_epochs=resolved.epochs, start_time=start)
+    fit_callbacks = [monitor]
+    if chief:
+        fit_callbacks.append(keras.callbacks.TensorBoard(
+            os.path.join(run_dir, rundir.LOGS), write_graph=False, profile_batch=0))
+    # The training stream from ``begin`` continues exactly where earlier steps left it.
+    data_epoch, offset = divmod(begin * steps,
+                                bundle.steps_per_epoch(resolved.batch_size) or 1)
+    train_ds = bundle.epochs(data_epoch).skip(offset).map(one_hot)
+    with warnings.catch_warnings():
+        # Validation sets that skip undecodable files have no known length, and Keras
+        # warns "ran out of data" at their (normal) end.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        model.fit(train_ds, epochs=last, initial_epoch=begin, steps_per_epoch=steps,
+                  validation_data=val_ds, callbacks=fit_callbacks, verbose=verbose,
+                  shuffle=False)
+    if monitor.bad_step is not None:
+        bad_epoch, bad_batch = monitor.bad_step
+        kept = (f"the last good checkpoint (epoch {state['epoch']}) is kept in "
+                f"{run_dir}/{rundir.CHECKPOINTS}" if state["epoch"] else
+                "no epoch had completed, so there is no checkpoint")
+        raise TrainingStopped(
+            f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step "
+            f"{bad_batch + 1}, so training stopped; {kept}; lower learning_rate or check "
+            "the data")
+
+
+def _restore(model, optimizer, run_dir, state):
+    path = rundir.checkpoint_path(run_dir, state)
+    optimizer.build(model.trainable_variables)  # optimizer slots must exist to be loaded
+    try:
+        model.load_weights(path)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} does not fit this run ({first_line(e)}); pass "
+                        "the options it was started with, or overwrite=True") from e
+
+
+def _finish(model, state, resolved, run_dir, start, bundle, *, chief):
+    history = state["history"]
+    last = history[-1] if history else {}
+    rates = [row["images_per_sec"] for row in history]
+    # The first epoch includes graph tracing; leave it out of the steady-state rate.
+    steady = rates[1:] if len(rates) > 1 else rates
+    metrics = {
+        "model": resolved.model, "dataset": resolved.dataset,
+        "epochs": state["epoch"], "epochs_requested": resolved.epochs,
+        "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
+        "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
+        "val_top5": last.get("val_top5"),
+        "best_val_accuracy": state.get("best_val_accuracy") if state.get(
+            "best_epoch") else None,
+        "best_epoch": state.get("best_epoch"),
+        "wall_time_s": state.get("wall_time_s", time.perf_counter() - start),
+        "images_per_sec": float(np.median(steady)) if steady else None,
+        "train_images": bundle.train_size, "val_images": bundle.val_size,
+        "skipped_images": len(bundle.skipped),
+        "note": "train_* are running means over the last epoch, with augmentation",
+    }
+    if not chief:
+        return metrics
+    rundir.save_atomic(os.path.join(run_dir, rundir.MODEL), model.save)
+    rundir.write_atomic(os.path.join(run_dir, rundir.METRICS), json.dumps(metrics, indent=1))
+    rundir.write_history(run_dir, history)
+    if history:
+        callbacks.plot_curves(history, os.path.join(run_dir, rundir.CURVES),
+                              f"{resolved.model} on {resolved.dataset}")
+    return metrics

@@ -1,0 +1,49 @@
+"""The pipeline as a notebook runs it: train, qat, export, evaluate in one Python process.
+
+Each call returns what it measured, with the same fields as the JSON file the tools write.
+Runs in a fresh interpreter: QAT imports tfmot, which switches ``tf.keras`` to tf_keras for
+the rest of the process, as it would in a notebook.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conftest import python_subprocess
+
+NOTEBOOK = """
+    import json, sys
+    from keras_resnet import pipeline
+
+    run = sys.argv[1]
+    result = pipeline.train(pipeline.TrainConfig(depth=8, dataset="digits", epochs=2,
+                                                 batch_size=64, model_dir=run,
+                                                 verbose="false"))
+    qat = pipeline.qat(run, epochs=1, steps_per_epoch=5, calibration_steps=4,
+                       agreement_samples=100, verbose="false")
+    exported = pipeline.export(run, modes=["float32", "ptq_int8"], eval_samples=100,
+                               representative_samples=64, latency_runs=2)
+    report = pipeline.evaluate(f"{run}/model_int8.tflite", split="test")
+    print("RESULT " + json.dumps({"train": result, "qat": qat, "export": exported,
+                                  "evaluate": report}))
+"""
+
+
+def test_python_api_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    out = python_subprocess(NOTEBOOK, str(run))
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    got = json.loads(line[len("RESULT "):])
+    assert got["train"] == json.loads((run / "metrics.json").read_text())
+    assert got["qat"] == json.loads((run / "qat.json").read_text())
+    export = dict(got["export"])
+    assert export.pop("table").startswith("LiteRT on 100 validation images")
+    assert export == json.loads((run / "export.json").read_text())
+    assert [r["name"] for r in export["rows"]] == ["float32 (model_float32.tflite)",
+                                                   "ptq_int8 (model_ptq_int8.tflite)"]
+    report = got["evaluate"]
+    assert report["format"] == "tflite" and report["split"] == "test"
+    assert report["images"] == 359 and 0 <= report["top1"] <= 1  # digits test split
+    for name in ("model.keras", "model_int8.tflite", "model_float32.tflite",
+                 "model_ptq_int8.tflite", "model_qat.h5"):
+        assert (run / name).is_file(), name
