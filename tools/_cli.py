@@ -103,6 +103,22 @@ def parse(flag_values: flags.FlagValues, argv: list[str], *, doc: str | None = N
     return None, rest[1:]
 
 
+def call(flag_values: flags.FlagValues, function, first: str):
+    """Calls ``function(<flag first>, **<every other flag>)`` for a tool whose flags are the
+    function's arguments.
+
+    Returns:
+        ``(None, result)``, or ``(2, None)`` after printing a UserError as one line.
+    """
+    from keras_resnet.pipeline.errors import UserError
+
+    options = {name: flag_values[name].value for name in flag_values if name != first}
+    try:
+        return None, function(flag_values[first].value, **options)
+    except UserError as e:
+        return user_error(e, flag_values), None
+
+
 def user_error(e: Exception, flag_values: flags.FlagValues) -> int:
     """Reports a library UserError with its argument names written as this tool's flags."""
     from keras_resnet.pipeline.errors import as_flags

@@ -62,11 +62,9 @@ def main(argv: list[str]) -> int:
         return status
     from keras_resnet import pipeline
 
-    options = {name: FLAGS[name].value for name in FLAGS if name != "model"}
-    try:
-        results = pipeline.evaluate(FLAGS.model, **options)
-    except pipeline.UserError as e:
-        return _cli.user_error(e, FLAGS)
+    status, results = _cli.call(FLAGS, pipeline.evaluate, "model")
+    if status is not None:
+        return status
     top5 = f", top-5 {results['top5']:.4f}" if results["top5"] is not None else ""
     runtime = f" on {results['runtime']}" if results["format"] == "tflite" else ""
     tta = " with flip TTA" if results["tta"] == "flip" else ""

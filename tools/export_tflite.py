@@ -72,11 +72,9 @@ def main(argv: list[str]) -> int:
         return status
     from keras_resnet import pipeline
 
-    options = {name: FLAGS[name].value for name in FLAGS if name != "model_dir"}
-    try:
-        report = pipeline.export(FLAGS.model_dir, **options)
-    except pipeline.UserError as e:
-        return _cli.user_error(e, FLAGS)
+    status, report = _cli.call(FLAGS, pipeline.export, "model_dir")
+    if status is not None:
+        return status
     for name in report["failed"]:
         row = next(r for r in report["rows"] if r["name"] == name)
         print(f"fail: {name} top-1 is {-row['top1_change']:.2f} points below Keras float, "

@@ -62,12 +62,8 @@ def main(argv: list[str]) -> int:
         return status
     from keras_resnet import pipeline
 
-    options = {name: FLAGS[name].value for name in FLAGS if name != "model_dir"}
-    try:
-        pipeline.qat(FLAGS.model_dir, **options)
-    except pipeline.UserError as e:
-        return _cli.user_error(e, FLAGS)
-    return 0
+    status, _ = _cli.call(FLAGS, pipeline.qat, "model_dir")
+    return status or 0
 
 
 if __name__ == "__main__":

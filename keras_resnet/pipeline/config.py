@@ -75,13 +75,14 @@ RECIPES = {
         lr_schedule="step", warmup_epochs=0, weight_decay=1e-4, label_smoothing=0.0,
         dataset="cifar10", reference="He et al. 2015, §4.2"),
     "fast": Recipe(
-        "fast", epochs=30, batch_size=128, reference_batch=128, base_lr=0.1,
+        "fast", epochs=30, batch_size=64, reference_batch=64, base_lr=0.1,
         lr_schedule="cosine", warmup_epochs=0, warmup_fraction=0.05, weight_decay=5e-4,
         label_smoothing=0.0, nesterov=True, dataset="cifar10",
-        reference=("linear warm-up (Goyal et al. 2017) then cosine decay to zero "
-                   "(Loshchilov & Hutter 2017), budget-aware: every length scales with the "
-                   "epochs (Li et al. 2020); Nesterov momentum (Sutskever et al. 2013); "
-                   "weight decay 5e-4 for short runs (Zagoruyko & Komodakis 2016)")),
+        reference=("budget-aware (Li et al. 2020): linear warm-up over 5% of the epochs "
+                   "(Goyal et al. 2017), cosine decay to zero at the last step (Loshchilov & "
+                   "Hutter 2017); Nesterov momentum 0.9 (Sutskever et al. 2013); batch 64 "
+                   "with learning rate 0.1 x batch/64 (Goyal et al. 2017); weight decay "
+                   "5e-4 (Zagoruyko & Komodakis 2016)")),
     "imagenet": Recipe(
         "imagenet", epochs=90, batch_size=256, reference_batch=256, base_lr=0.1,
         lr_schedule="cosine", warmup_epochs=5, weight_decay=1e-4, label_smoothing=0.1,
@@ -128,13 +129,13 @@ class TrainConfig:
         help="total epochs; a resumed run finishes at this count (recipe: he2015 164, fast "
              "30, imagenet 90).")
     batch_size: int | None = _option(
-        help="global batch size, split evenly over replicas (recipe: 128 CIFAR-style, 256 "
-             "imagenet).")
+        help="global batch size, split evenly over replicas (recipe: he2015 128, fast 64, "
+             "imagenet 256).")
     image_size: int | None = _option(
         help="square input side (default: 32 CIFAR-style, 224 otherwise).")
     learning_rate: float | None = _option(
-        help="peak learning rate (recipe: 0.1 x batch/128 CIFAR-style, 0.1 x batch/256 "
-             "imagenet).")
+        help="peak learning rate (recipe: he2015 0.1 x batch/128, fast 0.1 x batch/64, "
+             "imagenet 0.1 x batch/256).")
     weight_decay: float | None = _option(
         help="decay of conv/dense kernels, never BN or biases (recipe: he2015 1e-4, fast "
              "5e-4, imagenet 1e-4).")
