@@ -1,4 +1,5 @@
-"""The pipeline as a notebook runs it: train, qat, export, evaluate in one Python process.
+"""The pipeline as a notebook runs it: train, qat, export, evaluate in one Python process
+(uint8 I/O for the int8 files, as a camera app wants them).
 
 Each call returns what it measured, with the same fields as the JSON file the tools write.
 Runs in a fresh interpreter: QAT imports tfmot, which switches ``tf.keras`` to tf_keras for
@@ -20,9 +21,9 @@ NOTEBOOK = """
                                                  batch_size=64, model_dir=run,
                                                  verbose="false"))
     qat = pipeline.qat(run, epochs=1, steps_per_epoch=5, calibration_steps=4,
-                       agreement_samples=100, verbose="false")
-    exported = pipeline.export(run, modes=["float32", "ptq_int8"], eval_samples=100,
-                               representative_samples=64, latency_runs=2)
+                       agreement_samples=100, io="uint8", verbose="false")
+    exported = pipeline.export(run, modes=["float32", "ptq_int8", "qat_int8"], io="uint8",
+                               eval_samples=100, representative_samples=64, latency_runs=2)
     report = pipeline.evaluate(f"{run}/model_int8.tflite", split="test")
     print("RESULT " + json.dumps({"train": result, "qat": qat, "export": exported,
                                   "evaluate": report}))
@@ -40,7 +41,11 @@ def test_python_api_end_to_end(tmp_path):
     assert export.pop("table").startswith("LiteRT on 100 validation images")
     assert export == json.loads((run / "export.json").read_text())
     assert [r["name"] for r in export["rows"]] == ["float32 (model_float32.tflite)",
-                                                   "ptq_int8 (model_ptq_int8.tflite)"]
+                                                   "ptq_int8 (model_ptq_int8.tflite)",
+                                                   "qat_int8 (model_int8.tflite)"]
+    handoff = json.loads((run / "model_int8.json").read_text())
+    assert handoff["input"]["dtype"] == "uint8"
+    assert handoff["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
     report = got["evaluate"]
     assert report["format"] == "tflite" and report["split"] == "test"
     assert report["images"] == 359 and 0 <= report["top1"] <= 1  # digits test split

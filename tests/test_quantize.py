@@ -237,24 +237,3 @@ def test_qat_bad_inputs(run_dir, tmp_path, capsys):
     empty.mkdir()
     assert "no class sub-folders" in _qat_error(capsys, f"--model_dir={run}",
                                                 f"--data_dir={empty}")
-
-
-def test_train_qat_export_end_to_end(tmp_path, cifar_small):
-    """tools/train.py -> tools/qat.py -> tools/export_tflite.py, as a user runs them."""
-    run = tmp_path / "run"
-    result = tool_subprocess("train", "--depth=8", "--dataset=folder",
-                             f"--data_dir={cifar_small}", "--epochs=1", "--batch_size=64",
-                             f"--model_dir={run}", "--verbose=false")
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = tool_subprocess("qat", f"--model_dir={run}", "--epochs=1", "--steps_per_epoch=8",
-                             "--calibration_steps=4", "--agreement_samples=100", "--io=uint8")
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = tool_subprocess("export_tflite", f"--model_dir={run}",
-                             "--modes=float32,ptq_int8,qat_int8", "--eval_samples=100",
-                             "--latency_runs=3", "--representative_samples=64",
-                             "--max_accuracy_drop=100")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "| qat_int8 (model_int8.tflite) |" in result.stdout
-    handoff = json.loads((run / "model_int8.json").read_text())
-    assert handoff["input"]["dtype"] == "uint8"
-    assert handoff["input"]["quantization"] == {"scale": 1.0, "zero_point": 0}
