@@ -49,7 +49,12 @@ class Pretrained:
 
 # variant -> weights name -> shipped weights. Models take raw 0..255 RGB pixels
 # (include_preprocessing=True) and were trained by tools/train.py; see README.md.
-PRETRAINED: dict[str, dict[str, Pretrained]] = {}
+PRETRAINED: dict[str, dict[str, Pretrained]] = {
+    "resnet20": {"cifar10": Pretrained(
+        file="resnet20_cifar10.h5",
+        sha256="01ef2fb8169eb528d65af394795a32d4f4b9644773c74c9daf63e49e43f57c88",
+        classes=CIFAR10_CLASSES, image_size=32, card="resnet20_cifar10.json")},
+}
 
 BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
 # variant -> (md5 of the file with top, md5 of the file without top), as keras.applications.

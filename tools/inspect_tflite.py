@@ -62,10 +62,13 @@ def main(argv: list[str]) -> int:
                          ("output", graph["output_tensor_metadata"][0])):
         units = [u["options"] for u in tensor.get("process_units", [])]
         stats = tensor.get("stats", {})
+        low, high = (", ".join(map(str, stats.get(k, []))) for k in ("min", "max"))
         props = tensor.get("content", {}).get("content_properties", {})
-        print(f"  {kind} {tensor.get('name')!r}: {props or ''} range "
-              f"{stats.get('min')}..{stats.get('max')}"
-              + (f", normalization {units[0]}" if units else ""))
+        parts = [f"{k.replace('_', ' ')} {v}" for k, v in props.items()]
+        parts.append(f"value range {low}..{high}")
+        if units:
+            parts.append(f"normalization mean {units[0]['mean']} std {units[0]['std']}")
+        print(f"  {kind} {tensor.get('name')!r}: {', '.join(parts)}")
     labels = found["labels"] or []
     print(f"  labels ({found['associated_files']}): {', '.join(labels)}")
     return 0

@@ -12,7 +12,7 @@ input pipeline at a low learning rate, and writes:
     RUN/qat.json            twin difference, top-1 of the float, QAT and int8 models
 
 Examples:
-    python tools/qat.py --model_dir=runs/r20 --epochs=2
+    python tools/qat.py --model_dir=runs/r20 --steps_per_epoch=100
     python tools/qat.py --model_dir=runs/pets --dataset=folder --data_dir=/data/pets \\
         --io=uint8 --overwrite
 
@@ -35,10 +35,10 @@ flags.DEFINE_string("model_dir", None, "run folder of tools/train.py (model.kera
                     "config.json, labels.txt).", flag_values=FLAGS)
 flags.DEFINE_string("dataset", None, "dataset (default: the run's).", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "data directory (default: the run's).", flag_values=FLAGS)
-flags.DEFINE_integer("epochs", 2, "fine-tuning epochs.", flag_values=FLAGS)
+flags.DEFINE_integer("epochs", 1, "fine-tuning epochs.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", None, "batch size (default: the run's).", flag_values=FLAGS)
 flags.DEFINE_float("learning_rate", None, "initial learning rate, cosine-decayed to 0 "
-                   "(default: 1% of the run's).", flag_values=FLAGS)
+                   "(default: 0.1% of the run's peak).", flag_values=FLAGS)
 flags.DEFINE_integer("steps_per_epoch", None, "steps per epoch (default: one pass over the "
                      "training data).", flag_values=FLAGS)
 flags.DEFINE_integer("calibration_steps", 32, "training batches that set the quantization "

@@ -4,7 +4,7 @@
         --command="python tools/train.py ..."
 
 Writes ``keras_resnet/pretrained/<variant>_<name>.h5`` (name-keyed HDF5, float16 unless
---dtype=float32; refused when the storage changes any validation prediction) and its JSON
+--dtype=float32; refused when the storage lowers validation top-1) and its JSON
 model card, then prints the ``PRETRAINED`` entry to add to keras_resnet/weights.py.
 """
 

@@ -154,8 +154,7 @@ def pin_input_range(qat_model, low: float = PIXEL_RANGE[0], high: float = PIXEL_
 
 
 def fine_tune(qat_model, train, val=None, *, epochs: int = 1, learning_rate: float = 1e-3,
-              freeze_bn: bool = True, steps_per_epoch: int | None = None, verbose=2,
-              from_logits: bool = False):
+              freeze_bn: bool = True, steps_per_epoch: int | None = None, verbose=2):
     """Fine-tunes a QAT model with SGD + momentum and a cosine-decayed low learning rate.
 
     Args:
@@ -167,8 +166,10 @@ def fine_tune(qat_model, train, val=None, *, epochs: int = 1, learning_rate: flo
         freeze_bn: keep BN statistics and affine parameters of the float model.
         steps_per_epoch: limit each epoch (default: the whole dataset).
         verbose: Keras fit verbosity.
-        from_logits: the model outputs logits (the twins of this package end in a softmax,
-            as the exported files do).
+
+    A model ending in a softmax ``Activation`` layer (the twins of this package) trains on
+    the logits before it: cross-entropy on the int8-quantized probabilities would lose the
+    gradient of every example whose true class rounds to probability 0.
 
     Returns:
         The Keras History.
@@ -182,14 +183,24 @@ def fine_tune(qat_model, train, val=None, *, epochs: int = 1, learning_rate: flo
     schedule = learning_rate
     if steps:
         schedule = tf_keras.optimizers.schedules.CosineDecay(learning_rate, epochs * steps)
+    last = qat_model.layers[-1]
+    inner = getattr(last, "layer", last)
+    ends_in_softmax = (isinstance(inner, tf_keras.layers.Activation)
+                       and tf_keras.activations.serialize(inner.activation) == "softmax")
+    trained = (tf_keras.Model(qat_model.inputs, last.input) if ends_in_softmax
+               else qat_model)
+    # Otherwise the model's own output is trained: logits unless a fused softmax ends it.
+    fused = "softmax" in str(getattr(getattr(inner, "activation", None), "activation",
+                                     getattr(inner, "activation", "")))
     with training_setup(qat_model, freeze_bn=freeze_bn):
         # Compiled inside the context so the optimizer sees the restricted weight lists.
-        qat_model.compile(
+        trained.compile(
             optimizer=tf_keras.optimizers.SGD(schedule, momentum=0.9),
-            loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+            loss=tf_keras.losses.SparseCategoricalCrossentropy(
+                from_logits=ends_in_softmax or not fused),
             metrics=["accuracy"],
         )
-        history = qat_model.fit(train, validation_data=val, epochs=epochs,
+        history = trained.fit(train, validation_data=val, epochs=epochs,
                                 steps_per_epoch=steps_per_epoch, verbose=verbose)
     pin_input_range(qat_model)
     return history

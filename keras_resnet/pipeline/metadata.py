@@ -224,5 +224,7 @@ def describe_run(run, mode: str) -> str:
             "dynamic": "dynamic-range int8 weights", "ptq_int8": "post-training int8",
             "qat_int8": "quantization-aware-trained int8"}.get(mode, mode)
     data = config.get("dataset") or "its training data"
+    if data == "folder" and config.get("data_dir"):
+        data = f"the image folder {os.path.basename(os.path.normpath(config['data_dir']))}"
     return (f"{what}, trained on {data} ({run.num_classes} classes, {run.image_size}x"
             f"{run.image_size} RGB input, raw 0..255 pixels); outputs class probabilities")

@@ -33,6 +33,10 @@ from keras_resnet.pipeline.quantize_configs import check_variant, quantize_model
 # Probabilities of the twin must match the Keras 3 model's up to float32 rounding through
 # ~100 layers; a wrong weight or layer order shows up as differences of order 0.1.
 TWIN_TOLERANCE = 1e-3
+# Fine-tuning learning rate as a share of the run's peak rate (measured, BUILD.md "Results").
+QAT_LR_SHARE = 0.001
+# The twin's last layer, after the logits ("predictions").
+SOFTMAX_LAYER = "probabilities"
 OUTPUTS = (rundir.QAT_MODEL, rundir.INT8_MODEL, "model_int8.json", rundir.QAT_REPORT)
 
 
@@ -41,8 +45,8 @@ def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
 
     The twin is built from the architecture in ``config.json`` by the same code as the
     Keras 3 model, always in float32 (QAT fails under mixed precision), and ends in a
-    softmax: the quantized file then outputs probabilities (int8 softmax), as every
-    exported file does.
+    softmax layer after the logits: the quantized file then outputs probabilities (int8
+    softmax), as every exported file does.
 
     Args:
         run: the run, for the architecture (``model``, ``model_options``, ``num_classes``).
@@ -65,10 +69,14 @@ def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
     source = run.path / rundir.MODEL
     try:
         with keras_resnet.layer_library(tf_keras):
-            twin = keras_resnet.resnet(
+            logits = keras_resnet.resnet(
                 **run.architecture, classes=run.num_classes, input_shape=input_shape,
-                include_preprocessing=True, classifier_activation="softmax",
+                include_preprocessing=True, classifier_activation=None,
                 **run.model_options)
+        # A separate softmax layer: fine-tuning trains on the logits before it, where the
+        # int8 output's 1/256 steps do not cut the gradient of confident mistakes.
+        twin = tf_keras.Model(logits.inputs, tf_keras.layers.Activation(
+            "softmax", name=SOFTMAX_LAYER)(logits.outputs[0]), name=logits.name)
         problem = weights_lib.mismatch(model, twin)
         if problem:
             raise ValueError(f"it {problem}")
@@ -92,7 +100,7 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def qat(run_dir, *, epochs: int = 2, dataset: str | None = None, data_dir: str | None = None,
+def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str | None = None,
         batch_size: int | None = None, learning_rate: float | None = None,
         steps_per_epoch: int | None = None, calibration_steps: int = 32,
         freeze_bn: bool = True, io: str = "float32", agreement_samples: int = 500,
@@ -105,8 +113,9 @@ def qat(run_dir, *, epochs: int = 2, dataset: str | None = None, data_dir: str |
         dataset: dataset (default: the run's).
         data_dir: data directory (default: the run's).
         batch_size: batch size (default: the run's).
-        learning_rate: initial learning rate, cosine-decayed to 0 (default: 1% of the
-            run's).
+        learning_rate: initial learning rate, cosine-decayed to 0 (default: 0.1% of the
+            run's peak: a converged run fine-tuned longer or faster loses validation
+            accuracy, see BUILD.md "Results").
         steps_per_epoch: steps per epoch (default: one pass over the training data).
         calibration_steps: training batches that set the quantization ranges first.
         freeze_bn: keep the float run's BN statistics and affine parameters.
@@ -162,7 +171,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
          f"difference| vs Keras 3 = {diff:.3g} on {min(32, len(val_images))} images")
 
     if learning_rate is None:
-        learning_rate = 0.01 * float(run.config.get("learning_rate") or 0.1)
+        learning_rate = QAT_LR_SHARE * float(run.config.get("learning_rate") or 0.1)
     qat_model = quantize_model(twin, variant=run.variant)
     used = calibration.calibrate(qat_model, bundle.train, steps=calibration_steps)
     float_top1 = exporting.top1(np.asarray(model.predict(val_images, verbose=0)), val_labels)

@@ -33,7 +33,7 @@ from keras_resnet.pipeline.errors import QuantizeError, first_line
 QUANTIZABLE_LAYERS = (
     "InputLayer", "Conv2D", "DepthwiseConv2D", "BatchNormalization", "ReLU", "Add",
     "ZeroPadding2D", "MaxPooling2D", "AveragePooling2D", "GlobalAveragePooling2D", "Multiply",
-    "Rescaling", "Dropout", "Dense",
+    "Rescaling", "Dropout", "Dense", "Activation",
 )
 # Activations fused into Conv2D/Dense that TFLite runs in int8.
 QUANTIZABLE_ACTIVATIONS = ("linear", "relu", "sigmoid", "softmax")
