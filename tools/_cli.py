@@ -4,6 +4,7 @@ parsing (flags can be generated from a dataclass), and one-line errors."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -34,6 +35,8 @@ def setup() -> None:
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        # tf_keras' Python warnings about compiled metrics of loaded models, and the like
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
         if os.environ["KERAS_BACKEND"] == "tensorflow":
             _import_tensorflow_quietly()
 

@@ -60,14 +60,14 @@ def main(argv: list[str]) -> int:
         _tool("export_tflite.py", f"--model_dir={run}", "--modes=float32,qat_int8",
               "--latency_runs=20")
     top1 = {}
-    for name, runtime in (("model.keras", "litert"), ("model_int8.tflite", "litert"),
+    for name, runtime in (("model.keras", None), ("model_int8.tflite", "litert"),
                           ("model_int8.tflite", "mediapipe")):
-        out = run / f"test_{name.replace('.', '_')}_{runtime}.json"
-        _tool("evaluate.py", f"--model={run / name}", "--split=test", f"--runtime={runtime}",
-              f"--output_json={out}")
+        out = run / f"test_{name.replace('.', '_')}{'_' + runtime if runtime else ''}.json"
+        _tool("evaluate.py", f"--model={run / name}", "--split=test",
+              *([f"--runtime={runtime}"] if runtime else []), f"--output_json={out}")
         top1[name, runtime] = json.loads(out.read_text())["top1"]
     print(f"\ndigits test split, {time.perf_counter() - start:.0f} s in all:")
-    print(f"  float  {run / 'model.keras'}: top-1 {100 * top1['model.keras', 'litert']:.2f}%")
+    print(f"  float  {run / 'model.keras'}: top-1 {100 * top1['model.keras', None]:.2f}%")
     for runtime, label in (("litert", "LiteRT interpreter"), ("mediapipe", "MediaPipe Tasks")):
         print(f"  int8   {run / 'model_int8.tflite'} on {label}: top-1 "
               f"{100 * top1['model_int8.tflite', runtime]:.2f}%")
