@@ -106,7 +106,7 @@ def test_fast_recipe_resolves_as_documented():
     # learning rate scales with the batch; explicit options win over the recipe
     big = pipeline.resolve(pipeline.TrainConfig(depth=20, recipe="fast", batch_size=512,
                                                 nesterov=False, label_smoothing=0.2))
-    assert big.learning_rate == pytest.approx(r30.learning_rate * 4)
+    assert big.learning_rate == pytest.approx(r30.learning_rate * 512 / r30.batch_size)
     assert (big.nesterov, big.label_smoothing) == (False, 0.2)
     # the fast recipe's schedule reaches its peak after the warm-up and ends at zero
     schedule = optimization.run_schedule(r30, steps_per_epoch=100)
