@@ -169,7 +169,8 @@ def fine_tune(qat_model, train, val=None, *, epochs: int = 1, learning_rate: flo
 
     A model ending in a softmax ``Activation`` layer (the twins of this package) trains on
     the logits before it: cross-entropy on the int8-quantized probabilities would lose the
-    gradient of every example whose true class rounds to probability 0.
+    gradient of every example whose true class rounds to probability 0. Any other model's
+    output is trained as logits.
 
     Returns:
         The Keras History.
@@ -187,17 +188,14 @@ def fine_tune(qat_model, train, val=None, *, epochs: int = 1, learning_rate: flo
     inner = getattr(last, "layer", last)
     ends_in_softmax = (isinstance(inner, tf_keras.layers.Activation)
                        and tf_keras.activations.serialize(inner.activation) == "softmax")
+    # Otherwise the model's own output is trained: logits, as the twins used to end.
     trained = (tf_keras.Model(qat_model.inputs, last.input) if ends_in_softmax
                else qat_model)
-    # Otherwise the model's own output is trained: logits unless a fused softmax ends it.
-    fused = "softmax" in str(getattr(getattr(inner, "activation", None), "activation",
-                                     getattr(inner, "activation", "")))
     with training_setup(qat_model, freeze_bn=freeze_bn):
         # Compiled inside the context so the optimizer sees the restricted weight lists.
         trained.compile(
             optimizer=tf_keras.optimizers.SGD(schedule, momentum=0.9),
-            loss=tf_keras.losses.SparseCategoricalCrossentropy(
-                from_logits=ends_in_softmax or not fused),
+            loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
         history = trained.fit(train, validation_data=val, epochs=epochs,

@@ -82,11 +82,12 @@ def load_predictor(path, *, num_threads: int | None = None, runtime: str = "lite
 
 def probabilities(scores: np.ndarray) -> np.ndarray:
     """Scores as probabilities: rows that already are (softmax outputs) stay as they are."""
+    from keras_resnet.pipeline.exporting import softmax
+
     scores = np.asarray(scores, np.float32)
     if scores.size and scores.min() >= 0 and np.allclose(scores.sum(-1), 1, atol=0.02):
         return scores
-    z = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
+    return softmax(scores)
 
 
 def score(predictor, split: data.EvalData, *, labels=None, tta: str = "none") -> dict[str, Any]:

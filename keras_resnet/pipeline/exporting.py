@@ -66,13 +66,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+# The softmax layer every exported graph (and every QAT twin) ends in, after "predictions".
+SOFTMAX_LAYER = "probabilities"
+
+
 def with_softmax(model):
     """The Keras 3 logits model with a softmax on top (the graph every export ends in)."""
     import keras
 
     if model.layers[-1].get_config().get("activation") == "softmax":
         return model
-    probabilities = keras.layers.Activation("softmax", name="probabilities")(model.outputs[0])
+    probabilities = keras.layers.Activation("softmax", name=SOFTMAX_LAYER)(model.outputs[0])
     return keras.Model(model.inputs, probabilities, name=model.name)
 
 

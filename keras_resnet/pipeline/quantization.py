@@ -35,8 +35,6 @@ from keras_resnet.pipeline.quantize_configs import check_variant, quantize_model
 TWIN_TOLERANCE = 1e-3
 # Fine-tuning learning rate as a share of the run's peak rate (measured, BUILD.md "Results").
 QAT_LR_SHARE = 0.001
-# The twin's last layer, after the logits ("predictions").
-SOFTMAX_LAYER = "probabilities"
 OUTPUTS = (rundir.QAT_MODEL, rundir.INT8_MODEL, "model_int8.json", rundir.QAT_REPORT)
 
 
@@ -76,7 +74,7 @@ def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
         # A separate softmax layer: fine-tuning trains on the logits before it, where the
         # int8 output's 1/256 steps do not cut the gradient of confident mistakes.
         twin = tf_keras.Model(logits.inputs, tf_keras.layers.Activation(
-            "softmax", name=SOFTMAX_LAYER)(logits.outputs[0]), name=logits.name)
+            "softmax", name=exporting.SOFTMAX_LAYER)(logits.outputs[0]), name=logits.name)
         problem = weights_lib.mismatch(model, twin)
         if problem:
             raise ValueError(f"it {problem}")
