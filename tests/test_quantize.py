@@ -151,6 +151,7 @@ _VARIANTS_SCRIPT = """
         "resnext50_32x4d": dict(depths=(1, 1, 1, 1)),
     }
     rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
     results = {}
     for variant, options in cases.items():
         model = keras_resnet.resnet(variant=variant, classes=10, input_shape=(32, 32, 3),
@@ -172,7 +173,10 @@ _VARIANTS_SCRIPT = """
         got = LiteRTModel(content).predict(images)
         results[variant] = dict(
             twin_diff=diff, ops=dict(report.ops), io=report.input_type,
-            agreement=float(np.mean(got.argmax(-1) == want.argmax(-1))),
+            # Random nets give near-uniform probabilities, which the int8 softmax's 1/256
+            # steps can tie: the QAT model's class agrees when it has the file's top score.
+            agreement=float(np.mean(np.take_along_axis(
+                got, want.argmax(-1)[:, None], -1)[:, 0] >= got.max(-1))),
             max_diff=float(np.max(np.abs(got - want))), range=float(np.ptp(want)))
     print(json.dumps(results))
 """
