@@ -128,9 +128,30 @@ def cifar_run_template(tmp_path_factory, cifar_small) -> Path:
     return template
 
 
+def saved_layers(path) -> tuple[set, set]:
+    """``({(class_name, module)}, {dtype policy JSON})`` of every layer of a .keras file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        layers = json.loads(z.read("config.json"))["config"]["layers"]
+    return ({(x["class_name"], x["module"]) for x in layers},
+            {json.dumps(x["config"].get("dtype")) for x in layers})
+
+
 def copy_run(template: Path, dest: Path) -> Path:
     shutil.copytree(template, dest)
     return dest
+
+
+def require_mediapipe() -> None:
+    """Skips the calling test where MediaPipe Tasks cannot run, with the one-line reason
+    and fix: MediaPipe not installed (it goes in with --no-deps, README), or its native
+    library not loading (a slim image without libEGL.so.1 / libGLESv2.so.2)."""
+    from keras_resnet.pipeline.mediapipe_tasks import unavailable
+
+    problem = unavailable()
+    if problem:
+        pytest.skip(problem)
 
 
 def litert_scores(content: bytes, images) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -147,6 +148,78 @@ def test_folder_bad_inputs(tmp_path):
                        val_fraction=1.0)
 
 
+def _refusal(data_dir, split=None) -> str:
+    with pytest.raises(DataError) as refused:
+        if split is None:
+            data.load_data("folder", data_dir=str(data_dir), image_size=32, batch_size=2)
+        else:
+            data.eval_data("folder", str(data_dir), split, 32, 2)
+    return str(refused.value)
+
+
+def test_folder_layouts_that_cannot_be_right_are_refused_by_what_was_found(tmp_path):
+    cifar = _write_images(tmp_path / "x" / "train", {"cat": 3, "dog": 3})
+    # data_dir one level too deep: the images of one class, no class folders
+    assert _refusal(cifar / "cat") == (
+        f"data_dir {cifar / 'cat'} holds images but no class folders; point data_dir at the "
+        f"folder whose subfolders are the classes (here probably {cifar})")
+    # images straight in a folder with nothing beside it
+    flat = _write_images(tmp_path / "alone", {"flat": 3}) / "flat"
+    assert _refusal(flat) == (
+        f"data_dir {flat} holds images but no class folders; point data_dir at the folder "
+        f"whose subfolders are the classes (or put the images in {flat}/<class>/, one folder "
+        "per class)")
+    # one class folder
+    one = _write_images(tmp_path / "one", {"cat": 3})
+    assert _refusal(one) == (
+        f"data_dir {one} has only one class folder, cat/, and a classifier needs two or "
+        "more; add a folder per class next to it or point data_dir at the folder whose "
+        "subfolders are the classes")
+    # one wrapper folder around the class folders
+    _write_images(tmp_path / "pets" / "images", {"cat": 2, "dog": 2})
+    assert _refusal(tmp_path / "pets") == (
+        f"data_dir {tmp_path / 'pets'} has one folder, images/, whose subfolders look like "
+        f"the classes; point data_dir at {tmp_path / 'pets' / 'images'}")
+    # train/ (and an evaluation folder) holding images without class folders
+    split = tmp_path / "split"
+    _write_images(split, {"train": 3, "test": 2})
+    assert _refusal(split) == (f"{split / 'train'} holds images but no class folders; put "
+                               f"them in {split / 'train'}/<class>/, one folder per class")
+    assert _refusal(split, "test") == (
+        f"{split / 'test'} holds images but no class folders; put them in "
+        f"{split / 'test'}/<class>/, one folder per class")
+    # train/ with one class; an evaluation folder may hold only some of the classes
+    _write_images(tmp_path / "some", {"train/cat": 3, "train/dog": 3, "test/cat": 2})
+    assert data.eval_data("folder", str(tmp_path / "some"), "test", 32, 2).size == 2
+    (tmp_path / "some" / "train" / "dog").rename(tmp_path / "dog")
+    assert _refusal(tmp_path / "some") == (
+        f"{tmp_path / 'some' / 'train'} has only one class folder, cat/, and a classifier "
+        "needs two or more; add a folder per class next to it or point data_dir at the "
+        "folder whose subfolders are the classes")
+    # an empty class folder, by name
+    empty = _write_images(tmp_path / "empty_class", {"cat": 3, "dog": 3})
+    (empty / "bird").mkdir()
+    assert _refusal(empty) == (
+        f"class folder {empty / 'bird'} holds no images (.jpg, .jpeg, .png, .bmp, .gif); add "
+        "its images or remove the folder")
+
+
+def test_a_tiny_class_is_a_warning_line(tmp_path, caplog):
+    root = _write_images(tmp_path / "tiny", {"cat": 20, "dog": 20, "emu": 1})
+    with caplog.at_level(logging.WARNING, logger="keras_resnet.pipeline.sources"):
+        bundle = data.load_data("folder", data_dir=str(root), image_size=32, batch_size=4,
+                                val_fraction=0.0)
+    assert bundle.class_names == ("cat", "dog", "emu") and bundle.train_size == 41
+    assert [r.getMessage() for r in caplog.records] == [
+        f"class folder(s) emu (1) in {root} hold under 10% of the median class's 20 images; "
+        "such a class is barely learned: add images or drop it"]
+    caplog.clear()
+    balanced = _write_images(tmp_path / "balanced", {"cat": 20, "dog": 2})
+    with caplog.at_level(logging.WARNING, logger="keras_resnet.pipeline.sources"):
+        data.load_data("folder", data_dir=str(balanced), image_size=32, batch_size=4)
+    assert not caplog.records  # 2 of a median 11: not under a tenth
+
+
 def test_unreadable_and_truncated_images_are_skipped_and_counted(tmp_path):
     root = _write_images(tmp_path / "bad", {"a": 6, "b": 6})
     good = (root / "a" / "000.jpg").read_bytes()
@@ -224,6 +297,25 @@ def test_tfds_missing_data_fails_at_once(tmp_path):
     with pytest.raises(DataError, match="neither folder, digits, synthetic nor a TFDS"):
         data.load_data("no_such_dataset_xyz", data_dir=str(tmp_path), image_size=32,
                        batch_size=8)
+
+
+def test_tfds_manual_dataset_says_how_to_prepare_it_and_nothing_else(tmp_path, caplog,
+                                                                      capfd):
+    """imagenet2012 cannot be downloaded by TFDS: the line names the two archives and the
+    manual folder, and no absl warning about the empty data_dir comes before it."""
+    absl_level = logging.getLogger("absl").level
+    start = time.perf_counter()
+    with caplog.at_level(logging.DEBUG), pytest.raises(DataError) as refused:
+        data.load_data("imagenet2012", data_dir=str(tmp_path), image_size=224, batch_size=8)
+    assert time.perf_counter() - start < 20  # no download attempted
+    assert str(refused.value) == (
+        f"TFDS dataset 'imagenet2012' is not prepared in {tmp_path}/imagenet2012/5.1.0 and "
+        f"TFDS cannot download it; place ILSVRC2012_img_train.tar and "
+        f"ILSVRC2012_img_val.tar in {tmp_path}/downloads/manual, then run `tfds build "
+        f"imagenet2012 --data_dir={tmp_path}`")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "Variant folder" not in capfd.readouterr().err
+    assert logging.getLogger("absl").level == absl_level  # warnings elsewhere stay on
 
 
 def test_synthetic():

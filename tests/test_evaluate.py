@@ -7,11 +7,20 @@ Uses the ResNet-8 run of ``cifar_run_template`` (conftest), trained on real CIFA
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
-from conftest import copy_run, tool, tool_error
+from conftest import (
+    TEST_ENV,
+    copy_run,
+    python_subprocess,
+    require_mediapipe,
+    tool,
+    tool_error,
+    tool_subprocess,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +102,7 @@ def test_mediapipe_and_litert_agree_on_real_images(exported, kind, capsys, tmp_p
     images its top-1 equals the LiteRT interpreter's (both run the same kernels on the
     same pixels: expected equal; the bound allows one image).
     """
-    pytest.importorskip("mediapipe", reason="MediaPipe is installed with --no-deps "
-                                            "(README test command)")
+    require_mediapipe()
     from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier
 
     path = exported[kind]
@@ -181,3 +189,104 @@ def test_bad_input_is_one_error_line(run, capsys, flags, message):
     err = err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
     assert message in err, err
+
+
+@pytest.mark.parametrize("name, kind", [("model.keras", "a Keras archive"),
+                                        ("model.tflite", "a TFLite flatbuffer")])
+def test_a_file_that_is_not_a_model_is_named_not_missing(tmp_path, capsys, name, kind):
+    fake = tmp_path / name
+    fake.write_text("<html>404 Not Found</html>\n")
+    err = tool_error(capsys, "evaluate", f"--model={fake}", "--dataset=digits")
+    assert err.startswith(f"error: {fake} is not {kind} (it holds text); pass a ")
+
+
+# What TensorFlow's import printed on tools' stderr when the user exported
+# TF_CPP_MIN_LOG_LEVEL=3, and what TFLite prints when it makes its first interpreter.
+NATIVE_NOISE = ("WARNING: All log messages before absl::InitializeLog()",
+                "oneDNN custom operations are on", "Could not find cuda drivers",
+                "Created TensorFlow Lite XNNPACK delegate for CPU")
+
+
+@pytest.mark.parametrize("runtime, level", [("litert", "3"), ("mediapipe", None)])
+def test_tflite_evaluation_prints_no_native_notices(exported, runtime, level):
+    """A fresh process: TFLite prints its delegate notice once per process."""
+    if runtime == "mediapipe":
+        require_mediapipe()
+    env = {k: v for k, v in TEST_ENV.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = level
+    result = tool_subprocess("evaluate", f"--model={exported['float32']}", "--split=val",
+                             f"--runtime={runtime}", "--batch_size=250", env=env,
+                             timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"tflite model on {runtime}, folder val (500 images)" in result.stdout
+    output = result.stdout + result.stderr
+    assert not [line for line in NATIVE_NOISE if line in output], output
+
+
+EGL_MISSING = "libEGL.so.1: cannot open shared object file: No such file or directory"
+EGL_LINE = ("MediaPipe Tasks cannot load its native library (libEGL.so.1 missing); "
+            "apt-get install -y libegl1 libgles2")
+
+
+def test_mediapipe_load_failures_are_one_line_with_the_fix():
+    from keras_resnet.pipeline.mediapipe_tasks import describe_load_failure
+
+    assert describe_load_failure(OSError(EGL_MISSING)) == EGL_LINE
+    assert describe_load_failure(ImportError(
+        "libGLESv2.so.2: cannot open shared object file: No such file or directory")) == (
+        "MediaPipe Tasks cannot load its native library (libGLESv2.so.2 missing); "
+        "apt-get install -y libegl1 libgles2")
+    assert describe_load_failure("libfoo.so.3: cannot open shared object file: x") == (
+        "MediaPipe Tasks cannot load its native library (libfoo.so.3 missing); install the "
+        "system package that provides libfoo.so.3")
+    assert describe_load_failure(OSError("undefined symbol: eglGetDisplay")) == (
+        "MediaPipe Tasks cannot load its native library (undefined symbol: eglGetDisplay); "
+        "apt-get install -y libegl1 libgles2 provides the system libraries it needs")
+
+
+def test_mediapipe_without_its_native_library_skips_and_refuses(monkeypatch, tmp_path,
+                                                                capsys):
+    """As on python:3.11-slim: MediaPipe installed, libmediapipe.so's libEGL.so.1 absent."""
+    bindings = pytest.importorskip("mediapipe.tasks.python.core.mediapipe_c_bindings")
+    from keras_resnet.pipeline.errors import ExportError
+    from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier, unavailable
+
+    def refuse(*args, **kwargs):
+        raise OSError(EGL_MISSING)
+
+    monkeypatch.setattr(bindings, "load_raw_library", refuse)
+    assert unavailable() == EGL_LINE
+    with pytest.raises(pytest.skip.Exception, match=re.escape(EGL_LINE)):
+        require_mediapipe()  # what every MediaPipe test calls first
+    header = tmp_path / "model.tflite"
+    header.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))
+    with pytest.raises(ExportError, match=re.escape(EGL_LINE)):
+        MediaPipeClassifier(header)
+    err = tool_error(capsys, "evaluate", f"--model={header}", "--dataset=digits",
+                     "--runtime=mediapipe")
+    assert err == f"error: {EGL_LINE}"
+
+
+def test_a_real_missing_library_in_a_fresh_process(exported):
+    """ctypes itself fails to open libmediapipe.so, as the dynamic loader would; the
+    evaluate tool says so in one line and inspect_tflite still reads the metadata."""
+    pytest.importorskip("mediapipe")
+    out = python_subprocess(f"""
+        import ctypes, sys
+        real = ctypes.CDLL.__init__
+        def refuse(self, name, *args, **kwargs):
+            if str(name).endswith("libmediapipe.so"):
+                raise OSError({EGL_MISSING!r})
+            real(self, name, *args, **kwargs)
+        ctypes.CDLL.__init__ = refuse
+        sys.stderr = sys.stdout
+        sys.path.insert(0, "tools")
+        import evaluate, inspect_tflite
+        model = sys.argv[1]
+        print("status", evaluate.main(["evaluate.py", f"--model={{model}}", "--split=val",
+                                       "--runtime=mediapipe"]))
+        print("status", inspect_tflite.main(["inspect_tflite.py", model]))
+    """, str(exported["float32"]), timeout=300)
+    assert f"error: {EGL_LINE}\nstatus 2\n" in out
+    assert "labels (['labels.txt']): airplane, automobile" in out and out.endswith("status 0\n")

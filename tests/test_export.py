@@ -7,11 +7,14 @@ in conftest) is the run folder. Nothing here imports tfmot.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
-from conftest import copy_run, litert_scores, tool, tool_error
+from conftest import copy_run, litert_scores, require_mediapipe, tool, tool_error
+
+from keras_resnet.pipeline.errors import ExportError
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +241,93 @@ def test_cli_bad_inputs(run_copy, tmp_path, capsys):
                                                     "--modes=int4")
     assert "applies to int8 files only" in _error_of(capsys, f"--model_dir={run_copy}",
                                                      "--modes=float32", "--io=uint8")
+
+
+def test_files_that_are_not_models_are_named(run_copy, tmp_path, capsys):
+    from keras_resnet.pipeline.litert import LiteRTModel
+
+    fake = tmp_path / "model.tflite"
+    fake.write_text("not a flatbuffer")
+    with pytest.raises(ExportError, match=re.escape(
+            f"{fake} is not a TFLite flatbuffer (it holds text); pass a .tflite file")):
+        LiteRTModel(path=fake)
+    (run_copy / "model.keras").write_bytes(b"")
+    err = _error_of(capsys, f"--model_dir={run_copy}", "--modes=float32")
+    assert err == (f"error: {run_copy / 'model.keras'} is not a Keras archive (it is empty); "
+                   "pass a .keras file saved with model.save()")
+
+
+def _rich_metadata() -> bytes:
+    """A metadata flatbuffer using every kind of schema member: enums, unions, tables,
+    vectors of floats, strings and tables, and float32 values with no exact binary form."""
+    import flatbuffers
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as fb
+
+    boxes = fb.BoundingBoxPropertiesT()
+    boxes.index, boxes.type = [1, 0, 3, 2], fb.BoundingBoxType.BOUNDARIES
+    boxes.coordinateType = fb.CoordinateType.PIXEL
+    content = fb.ContentT()
+    content.contentPropertiesType, content.contentProperties = (
+        fb.ContentProperties.BoundingBoxProperties, boxes)
+    content.range = fb.ValueRangeT()
+    content.range.min = content.range.max = 2
+    calibration = fb.ScoreCalibrationOptionsT()
+    calibration.scoreTransformation, calibration.defaultScore = (
+        fb.ScoreTransformationType.LOG, 0.1)
+    normalization = fb.NormalizationOptionsT()
+    normalization.mean, normalization.std = [127.5, 0.3], [1e-3, 2.0]
+    units = []
+    for kind, options in ((fb.ProcessUnitOptions.ScoreCalibrationOptions, calibration),
+                          (fb.ProcessUnitOptions.NormalizationOptions, normalization)):
+        unit = fb.ProcessUnitT()
+        unit.optionsType, unit.options = kind, options
+        units.append(unit)
+    calibration_file = fb.AssociatedFileT()
+    calibration_file.name, calibration_file.locale = "scores.txt", "en"
+    calibration_file.type = fb.AssociatedFileType.TENSOR_AXIS_SCORE_CALIBRATION
+    tensor = fb.TensorMetadataT()
+    tensor.name, tensor.content, tensor.processUnits = "boxes", content, units
+    tensor.associatedFiles, tensor.dimensionNames = [calibration_file], ["a", "b"]
+    tensor.stats = fb.StatsT()
+    tensor.stats.max, tensor.stats.min = [1.5], [-0.25]
+    group = fb.TensorGroupT()
+    group.name, group.tensorNames = "group", ["boxes"]
+    graph = fb.SubGraphMetadataT()
+    graph.inputTensorMetadata = graph.outputTensorMetadata = [tensor]
+    graph.outputTensorGroups = [group]
+    model = fb.ModelMetadataT()
+    model.name, model.version, model.minParserVersion = "rich", "1", "1.2.0"
+    model.subgraphMetadata = [graph]
+    builder = flatbuffers.Builder(0)
+    builder.Finish(model.Pack(builder), b"M001")
+    return bytes(builder.Output())
+
+
+def test_metadata_reads_as_mediapipe_does_without_its_native_library(trained, monkeypatch):
+    """metadata.read is pure Python: the JSON MediaPipe's native converter writes, and it
+    still works where libmediapipe.so cannot load (a slim image without libEGL)."""
+    from keras_resnet.pipeline import exporting, metadata, tflite
+
+    require_mediapipe()  # MediaPipe's own converter is the reference
+    plain = tflite.convert(exporting.with_softmax(trained[1]), "float32")
+    content = metadata.attach(plain, labels=list("abcdefghij"), variant="resnet8",
+                              description="test")
+    # importable once attach() has provided the version helper MediaPipe's wheel lacks
+    from mediapipe.tasks.python.core import mediapipe_c_bindings
+    from mediapipe.tasks.python.metadata import metadata as mediapipe_metadata
+
+    rich = _rich_metadata()
+    assert metadata.as_dict(rich) == json.loads(mediapipe_metadata.convert_to_json(rich))
+    assert metadata.as_dict(rich)["subgraph_metadata"][0]["input_tensor_metadata"][0][
+        "process_units"][1]["options"] == {"mean": [127.5, 0.3], "std": [0.001, 2.0]}
+    native = json.loads(mediapipe_metadata.MetadataDisplayer.with_model_buffer(
+        bytearray(content)).get_metadata_json())
+
+    def refuse(*args, **kwargs):
+        raise OSError("libEGL.so.1: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(mediapipe_c_bindings, "load_raw_library", refuse)
+    found = metadata.read(content)
+    assert found["metadata"] == native and found["labels"] == list("abcdefghij")
+    assert metadata.attach(plain, labels=list("klmnopqrst"), variant="resnet8",
+                           description="again")  # writing needs no native code either

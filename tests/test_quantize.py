@@ -12,7 +12,14 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import copy_run, python_subprocess, tool, tool_error, tool_subprocess
+from conftest import (
+    copy_run,
+    python_subprocess,
+    require_mediapipe,
+    tool,
+    tool_error,
+    tool_subprocess,
+)
 
 # Bound on int8 vs QAT Keras agreement of top-1 predictions on validation images. The two
 # differ only by int8 rounding of BN-folded weights and requantization.
@@ -115,8 +122,7 @@ def test_mediapipe_runs_the_qat_file_like_litert(qat_run, capsys):
     top-1 equals the LiteRT interpreter's (expected exactly: both run the same int8
     kernels on the same pixels; the bound allows 1 image in 500).
     """
-    pytest.importorskip("mediapipe", reason="MediaPipe is installed with --no-deps "
-                                            "(README test command)")
+    require_mediapipe()
     run, _ = qat_run
     top1 = {}
     for runtime in ("litert", "mediapipe"):
@@ -241,3 +247,15 @@ def test_qat_bad_inputs(run_dir, tmp_path, capsys):
     empty.mkdir()
     assert "no class sub-folders" in _qat_error(capsys, f"--model_dir={run}",
                                                 f"--data_dir={empty}")
+
+
+def test_load_qat_names_a_file_that_is_not_hdf5(tmp_path):
+    from keras_resnet.pipeline import calibration
+    from keras_resnet.pipeline.errors import QuantizeError
+
+    fake = tmp_path / "model_qat.h5"
+    fake.write_text("version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer
+    with pytest.raises(QuantizeError) as refused:
+        calibration.load_qat(fake)  # refused before tf_keras or tfmot are imported
+    assert str(refused.value) == (f"{fake} is not an HDF5 file (it holds text); pass an .h5 "
+                                  "model saved by Keras (tools/qat.py writes model_qat.h5)")

@@ -4,11 +4,11 @@ parsing (flags can be generated from a dataclass), and one-line errors."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
 import re
 import sys
-import tempfile
 import types
 import typing
 
@@ -29,16 +29,32 @@ def setup() -> None:
 
     Keras on TensorFlow; oneDNN kernels (1.6x faster ResNet training on CPUs where
     TensorFlow leaves them off, see BUILD.md "Performance"); TensorFlow's C++ log lines off
-    unless the user sets TF_CPP_MIN_LOG_LEVEL.
+    unless the user sets TF_CPP_MIN_LOG_LEVEL. TensorFlow's start-up lines are filtered
+    whatever TF_CPP_MIN_LOG_LEVEL says: they are printed before TensorFlow reads it.
     """
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        # tf_keras' Python warnings about compiled metrics of loaded models, and the like
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
-        if os.environ["KERAS_BACKEND"] == "tensorflow":
-            _import_tensorflow_quietly()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # tf_keras' Python warnings about compiled metrics of loaded models, and the like
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    if os.environ["KERAS_BACKEND"] == "tensorflow":
+        _import_tensorflow_quietly()
+
+
+def _native_logs() -> types.ModuleType | None:
+    """keras_resnet.pipeline.native_logs, loaded from its file (None: no keras_resnet).
+
+    Importing any keras_resnet module first imports the package, which loads TensorFlow:
+    the very import whose lines the helper filters.
+    """
+    package = importlib.util.find_spec("keras_resnet")  # finds the folder, imports nothing
+    if package is None:
+        return None
+    path = os.path.join(package.submodule_search_locations[0], "pipeline", "native_logs.py")
+    spec = importlib.util.spec_from_file_location("keras_resnet_native_logs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _import_tensorflow_quietly() -> None:
@@ -47,22 +63,11 @@ def _import_tensorflow_quietly() -> None:
     Those lines are written from C++ before its logging reads TF_CPP_MIN_LOG_LEVEL, so the
     process's stderr is captured while TensorFlow loads; any other line is passed on.
     """
-    if "tensorflow" in sys.modules:
+    native_logs = None if "tensorflow" in sys.modules else _native_logs()
+    if native_logs is None:  # already loaded, or keras_resnet missing (its import says so)
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            kept = [line for line in capture.read().decode(errors="replace").splitlines()
-                    if line.strip() and not _STARTUP_NOISE.search(line)]
-    for line in kept:
-        print(line, file=sys.stderr)
+    with native_logs.filtered_stderr(_STARTUP_NOISE):
+        import tensorflow  # noqa: F401
 
 
 def error(message: str, status: int = 2) -> int:

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from keras_resnet.pipeline import files
 from keras_resnet.pipeline.errors import QuantizeError, first_line
 from keras_resnet.pipeline.quantize_configs import quantize_scope
 
@@ -215,13 +216,15 @@ def load_qat(path):
     """Loads a QAT ``.h5`` model saved by :func:`save_qat`.
 
     Raises:
-        QuantizeError: the file does not exist or is not a QAT model.
+        QuantizeError: the file does not exist, is not an HDF5 file or is not a QAT
+            model.
     """
-    import tf_keras
-
     path = Path(path)
     if not path.is_file():
         raise QuantizeError(f"{path} does not exist; run tools/qat.py first")
+    files.check_file_format(path, error=QuantizeError)
+    import tf_keras
+
     try:
         with quantize_scope():
             return tf_keras.models.load_model(path, compile=False)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_resnet.pipeline import data, rundir
+from keras_resnet.pipeline import data, files, rundir
 from keras_resnet.pipeline.errors import UserError, choose, first_line
 
 FORMATS = (".keras", ".tflite")
@@ -60,6 +60,11 @@ def load_predictor(path, *, num_threads: int | None = None, runtime: str = "lite
         path: the model file.
         num_threads: interpreter threads (.tflite only).
         runtime: "litert" or "mediapipe" (.tflite only).
+
+    Raises:
+        UserError: not a .keras or .tflite name, no such file, a file that is not what
+            its name says (:func:`keras_resnet.pipeline.files.check_file_format`), or a
+            model that does not load.
     """
     choose("runtime", runtime, RUNTIMES)
     path = os.path.expanduser(os.fspath(path))
@@ -67,6 +72,7 @@ def load_predictor(path, *, num_threads: int | None = None, runtime: str = "lite
         raise UserError(f"model {path} must be a .keras or .tflite file")
     if not os.path.isfile(path):
         raise UserError(f"model file {path} does not exist")
+    files.check_file_format(path)
     if path.endswith(".keras"):
         if runtime != "litert":
             raise UserError(f"runtime={runtime} runs .tflite files; {path} is a Keras model")

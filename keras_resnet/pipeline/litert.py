@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from keras_resnet.pipeline import files, native_logs
 from keras_resnet.pipeline.errors import ExportError, first_line
 
 
@@ -31,8 +32,8 @@ class LiteRTModel:
         num_threads: interpreter threads (default: LiteRT's).
 
     Raises:
-        ExportError: the file does not load, or does not take [batch, height, width, 3]
-            images.
+        ExportError: the file is not a TFLite flatbuffer or does not load, or does not
+            take [batch, height, width, 3] images.
     """
 
     format = "tflite"
@@ -44,13 +45,16 @@ class LiteRTModel:
         if (content is None) == (path is None):
             raise ValueError("pass exactly one of content= or path=")
         name = os.fspath(path) if path is not None else "the model"
+        if path is not None:
+            files.check_file_format(name, error=ExportError)
         try:
-            if content is not None:
-                self.interpreter = Interpreter(model_content=bytes(content),
-                                               num_threads=num_threads)
-            else:
-                self.interpreter = Interpreter(model_path=name, num_threads=num_threads)
-            self.interpreter.allocate_tensors()
+            with native_logs.filtered_stderr(native_logs.XNNPACK_NOTICE):
+                if content is not None:
+                    self.interpreter = Interpreter(model_content=bytes(content),
+                                                   num_threads=num_threads)
+                else:
+                    self.interpreter = Interpreter(model_path=name, num_threads=num_threads)
+                self.interpreter.allocate_tensors()
         except (RuntimeError, ValueError) as e:
             raise ExportError(f"LiteRT cannot load {name} ({first_line(e)})") from None
         self._details()

@@ -19,6 +19,11 @@ provided here in Python (:func:`minimum_parser_version`) before MediaPipe is imp
 tflite-support, the older home of these writers, needs protobuf < 4 and does not install
 beside TensorFlow 2.21 (BUILD.md, "TFLite metadata").
 
+Writing and reading use no native code: MediaPipe's own metadata-to-JSON converter calls
+into libmediapipe.so, which does not load where libEGL.so.1 / libGLESv2.so.2 are missing
+(slim Debian images), so :func:`read` converts the flatbuffer in Python (:func:`as_dict`,
+the same JSON).
+
 Example:
     >>> content = attach(content, labels=("cat", "dog"), variant="resnet20",
     ...                  description="CIFAR ResNet-20, int8")
@@ -28,8 +33,8 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import sys
 import tempfile
 import types
@@ -213,8 +218,74 @@ def read(content: bytes) -> dict:
     if LABELS_FILE in files:
         text = displayer.get_associated_file_buffer(LABELS_FILE).decode()
         labels = [line for line in text.splitlines() if line.strip()]
-    return {"metadata": json.loads(displayer.get_metadata_json()),
+    return {"metadata": as_dict(displayer.get_metadata_buffer()),
             "associated_files": files, "labels": labels}
+
+
+def _schema_tables() -> dict[str, list[tuple[str, str]]]:
+    """{table: [(field, type), ...]} of MediaPipe's metadata_schema.fbs, in field order."""
+    from importlib import resources
+
+    text = (resources.files("mediapipe.tasks.metadata") / "metadata_schema.fbs").read_text()
+    text = re.sub(r"//[^\n]*", "", text)
+    return {name: re.findall(r"(\w+)\s*:\s*(\[?\w+\]?)", re.sub(r"\([^)]*\)", "", body))
+            for name, body in re.findall(r"\btable\s+(\w+)\s*\{(.*?)\}", text, re.S)}
+
+
+def as_dict(metadata_buffer) -> dict:
+    """A model-metadata flatbuffer as the JSON that flatc (and MediaPipe's
+    ``MetadataDisplayer.get_metadata_json``) writes: schema field names, enum and union
+    member names, fields left at their defaults omitted.
+
+    Pure Python (MediaPipe's own converter needs its native library, which does not load
+    on a system without libEGL/libGLESv2); float32 values are written as float32 prints
+    them (0.1, not 0.10000000149011612).
+    """
+    import numpy as np
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as fb
+
+    tables = _schema_tables()
+
+    def names(kind):  # enum or union values -> member names, or None for other types
+        cls = getattr(fb, kind, None)
+        if kind in tables or not isinstance(cls, type):
+            return None
+        return {v: k for k, v in vars(cls).items() if isinstance(v, int) and k[0] != "_"}
+
+    def value(item, kind):
+        if kind.startswith("["):
+            return [value(v, kind[1:-1]) for v in list(item)]
+        if kind in tables:
+            return table(item, kind)
+        if kind == "float":
+            return float(str(np.float32(item)))
+        if kind == "string":
+            return item.decode() if isinstance(item, bytes) else item
+        members = names(kind)
+        if members is not None:
+            return members.get(int(item), int(item))
+        return item.item() if isinstance(item, np.generic) else item
+
+    def table(obj, name):
+        attrs = {a.replace("_", "").lower(): a for a in vars(obj)}
+        fresh = type(obj)()
+        out = {}
+        for field, kind in tables[name]:
+            attr = attrs[field.replace("_", "").lower()]
+            item = getattr(obj, attr)
+            if attr + "Type" in vars(obj):  # a union: its member's name, then the member
+                member = names(kind).get(getattr(obj, attr + "Type"), "NONE")
+                if member != "NONE" and item is not None:
+                    out[field + "_type"] = member
+                    out[field] = table(item, member)
+            elif item is not None and (kind.startswith("[") or kind in tables
+                                       or item != getattr(fresh, attr)):
+                out[field] = value(item, kind)
+        return out
+
+    buffer = bytes(metadata_buffer)
+    root = fb.ModelMetadataT.InitFromObj(fb.ModelMetadata.GetRootAsModelMetadata(buffer, 0))
+    return table(root, "ModelMetadata")
 
 
 def describe_run(run, mode: str) -> str:

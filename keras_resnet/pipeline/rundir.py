@@ -385,8 +385,10 @@ def load_model(run: Run):
     import keras_resnet
     from keras_resnet import weights as weights_lib
     from keras_resnet.pipeline.errors import first_line
+    from keras_resnet.pipeline.files import check_file_format
 
     path = run.path / MODEL
+    check_file_format(path, error=RunDirError)
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as e:  # noqa: BLE001 - Keras raises many types for a bad archive

@@ -7,6 +7,9 @@ A source yields unbatched :class:`Split` elements ``(x, label)``; the pipelines 
   (any of the three; an evaluation set alone, ``data_dir/test/<class>``, is fine). With no
   ``val/`` folder, ``val_fraction`` of every class of ``train`` is carved off (stratified,
   a fixed function of ``seed``). Files are checked up front; unreadable ones are skipped.
+  Layouts that cannot be right are refused with what was found: images but no class
+  folders, a single class to train on, an empty class folder. A training class with
+  under a tenth of the median class's images is a warning.
 * ``digits``: scikit-learn's bundled 1,797 8x8 digits, upscaled, 3-channel 0..255 pixels.
   Every fifth image is the fixed ``test`` split; validation is carved from the rest.
 * any TFDS image-classification name, read from an already prepared ``data_dir``.
@@ -15,9 +18,11 @@ A source yields unbatched :class:`Split` elements ``(x, label)``; the pipelines 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -117,8 +122,11 @@ def _folder_splits(data_dir, val_fraction, seed):
                         f"training needs {root}/train/<class>/ images (or class folders "
                         f"directly in {root})")
     train_root = dirs["train"] if dirs else root
+    check_class_folders(train_root, data_dir=root, training=True)
     paths, labels, class_names, skipped = list_image_folder(train_root)
+    _warn_small_classes(labels, class_names, train_root)
     if dirs and "val" in dirs:
+        check_class_folders(dirs["val"], data_dir=root, training=False)
         vpaths, vlabels, _, vskipped = list_image_folder(dirs["val"], class_names=class_names)
         skipped += vskipped
     else:
@@ -137,6 +145,7 @@ def _folder_eval_split(data_dir, split, val_fraction, seed, class_names=None):
         raise DataError(f"split={split!r} is not valid for a folder dataset; choose one of "
                         "train, val, test")
     if split in dirs and split != "train":
+        check_class_folders(dirs[split], data_dir=root, training=False)
         if class_names is None and "train" in dirs:
             class_names = folder_classes(dirs["train"])
         paths, labels, class_names, skipped = list_image_folder(dirs[split],
@@ -148,6 +157,9 @@ def _folder_eval_split(data_dir, split, val_fraction, seed, class_names=None):
         raise DataError(f"data_dir {root} has {'/, '.join(dirs)}/ but no train/ folder, so "
                         f"there is no {split} split; use split={next(iter(dirs))}")
     else:
+        # Without the run's labels, these folders define the classes, as in training.
+        check_class_folders(dirs.get("train", root), data_dir=root,
+                            training=class_names is None)
         paths, labels, class_names, skipped = list_image_folder(dirs.get("train", root),
                                                                 class_names=class_names)
         if "val" not in dirs:
@@ -160,6 +172,62 @@ def _folder_eval_split(data_dir, split, val_fraction, seed, class_names=None):
 def folder_classes(root: str) -> list[str]:
     """The class sub-folder names of ``root``, sorted (the label order of a folder)."""
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _holds_images(folder: str) -> bool:
+    return any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)
+               and not e.name.startswith(".") for e in os.scandir(folder))
+
+
+def check_class_folders(folder: str, *, data_dir: str, training: bool) -> None:
+    """Refuses a folder of one of the layouts that cannot be what was meant.
+
+    Args:
+        folder: where the class folders should be: ``data_dir`` itself, or its train/,
+            val/ or test/ folder.
+        data_dir: the dataset root the user gave.
+        training: whether these folders define the classes (one class cannot be trained;
+            an evaluation folder may hold only some of the classes).
+
+    Raises:
+        DataError: images but no class folders (``data_dir`` one level too deep, or a
+            split folder without class folders), or a single class folder to train on.
+    """
+    classes = folder_classes(folder)
+    if not classes and _holds_images(folder):
+        if folder != data_dir:
+            raise DataError(f"{folder} holds images but no class folders; put them in "
+                            f"{folder}/<class>/, one folder per class")
+        parent = os.path.dirname(os.path.normpath(folder))
+        if len(folder_classes(parent)) >= 2:
+            fix = f"(here probably {parent})"
+        else:
+            fix = f"(or put the images in {folder}/<class>/, one folder per class)"
+        raise DataError(f"data_dir {folder} holds images but no class folders; point "
+                        f"data_dir at the folder whose subfolders are the classes {fix}")
+    if training and len(classes) == 1:
+        only = os.path.join(folder, classes[0])
+        subject = f"data_dir {folder}" if folder == data_dir else folder
+        if len(folder_classes(only)) >= 2 and not _holds_images(only):
+            raise DataError(f"{subject} has one folder, {classes[0]}/, whose subfolders "
+                            f"look like the classes; point data_dir at {only}")
+        raise DataError(f"{subject} has only one class folder, {classes[0]}/, and a "
+                        "classifier needs two or more; add a folder per class next to it "
+                        "or point data_dir at the folder whose subfolders are the classes")
+
+
+def _warn_small_classes(labels: Sequence[int], class_names: Sequence[str], root: str):
+    """Warns about training classes with under a tenth of the median class's images."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
+    median = float(np.median(counts))
+    small = [(name, int(n)) for name, n in zip(class_names, counts, strict=True)
+             if n < 0.1 * median]
+    if small:
+        shown = ", ".join(f"{name} ({n})" for name, n in small[:5])
+        more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+        log.warning("class folder(s) %s%s in %s hold under 10%% of the median class's %d "
+                    "images; such a class is barely learned: add images or drop it",
+                    shown, more, root, round(median))
 
 
 def list_image_folder(root: str, *, class_names: Sequence[str] | None = None,
@@ -207,7 +275,8 @@ def list_image_folder(root: str, *, class_names: Sequence[str] | None = None,
                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
         if not files:
             raise DataError(
-                f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "add its images or remove the folder"
             )
         paths += files
         labels += [label] * len(files)
@@ -329,7 +398,11 @@ def _tfds_builder(name, data_dir):
         raise DataError(f"dataset {name!r} needs tensorflow-datasets ({e}); install "
                         "keras_resnet[train]") from e
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        # Probing an unprepared data_dir logs absl warnings ("Variant folder ... has no
+        # dataset_info.json") that would come before, and bury, the one line below.
+        with _absl_warnings_off():
+            builder = tfds.builder(name, data_dir=data_dir)
+            prepared = builder.is_prepared()
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(
             f"dataset {name!r} is neither {', '.join(BUILTIN_DATASETS)} nor a TFDS dataset "
@@ -337,13 +410,46 @@ def _tfds_builder(name, data_dir):
         ) from e
     # Offline, download_and_prepare hangs for minutes before failing, so never call it:
     # the data must already be prepared in data_dir.
-    if not builder.is_prepared():
-        raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (nothing is "
-            f"downloaded here); run `tfds build {name} --data_dir=DIR` where it can be "
-            "downloaded and pass that DIR as data_dir"
-        )
+    if not prepared:
+        raise DataError(_tfds_preparation(builder, name))
     return builder
+
+
+@contextlib.contextmanager
+def _absl_warnings_off():
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
+def _tfds_preparation(builder, name: str) -> str:
+    """How to prepare a TFDS dataset that is not in data_dir, in one sentence.
+
+    Datasets with MANUAL_DOWNLOAD_INSTRUCTIONS (imagenet2012) cannot be downloaded by
+    TFDS: their files go in ``<data_dir>/downloads/manual`` first.
+    """
+    instructions = getattr(type(builder), "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if not instructions:
+        return (f"TFDS dataset {name!r} is not prepared in {builder.data_dir} (nothing is "
+                f"downloaded here); run `tfds build {name} --data_dir=DIR` where it can be "
+                "downloaded and pass that DIR as data_dir")
+    root = os.fspath(builder.data_dir_root)
+    build = f"then run `tfds build {name} --data_dir={root}`"
+    files = list(dict.fromkeys(re.findall(r"[\w.-]+\.(?:tar\.gz|tgz|tar|zip)\b",
+                                          instructions)))
+    if files:
+        what = " and ".join([", ".join(files[:-1]), files[-1]] if len(files) > 1 else files)
+        step = f"place {what} in {root}/downloads/manual"
+    else:
+        first = next(line.strip() for line in instructions.splitlines() if line.strip())
+        step = (f"put the files its manual download instructions name (\"{first}\") in "
+                f"{root}/downloads/manual")
+    return (f"TFDS dataset {name!r} is not prepared in {builder.data_dir} and TFDS cannot "
+            f"download it; {step}, {build}")
 
 
 def _tfds_keys(builder):

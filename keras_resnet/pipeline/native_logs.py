@@ -1,0 +1,61 @@
+"""Filtering the lines C++ libraries write straight to the process's stderr.
+
+TensorFlow prints start-up notices while it loads ("Could not find cuda drivers", the
+oneDNN notice) before its logging reads TF_CPP_MIN_LOG_LEVEL, and LiteRT prints "INFO:
+Created TensorFlow Lite XNNPACK delegate for CPU." when it makes its first interpreter. Both
+write to file descriptor 2, past Python's ``sys.stderr`` and ``logging``, so the only way
+to keep them out of a tool's output is to point descriptor 2 elsewhere while the library
+call runs and pass on the lines that are not noise.
+
+This module imports nothing from keras_resnet: tools/_cli.py loads it from its file before
+the package (whose import loads TensorFlow) so both use this one helper.
+
+Example:
+    >>> with filtered_stderr(XNNPACK_NOTICE):
+    ...     interpreter.allocate_tensors()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+
+# Printed by TFLite (inside LiteRT and MediaPipe) when the process's first interpreter gets
+# its default CPU delegate: the runtime working as intended, which users read as a problem.
+XNNPACK_NOTICE = re.compile(r"^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$")
+
+
+@contextlib.contextmanager
+def filtered_stderr(noise: re.Pattern) -> Iterator[None]:
+    """Drops the stderr lines matching ``noise`` that are written inside the block.
+
+    Descriptor 2 goes to a temporary file for the block; afterwards every other non-blank
+    line is printed to ``sys.stderr`` in order (so a real error message still shows, just
+    after the call that printed it). Where descriptor 2 cannot be duplicated (an embedded
+    interpreter), the block runs unfiltered.
+
+    Args:
+        noise: the lines to drop.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines()
+                    if line.strip() and not noise.search(line)]
+            for line in kept:
+                print(line, file=sys.stderr)
