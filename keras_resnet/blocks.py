@@ -7,7 +7,9 @@ keras.applications grammar (``conv3_block1_0_conv``, ``conv3_block1_2_bn``,
 ``conv3_block1_out``) and created in name order, shortcut (``_0_``) first.
 
 The same functions build a ``tf_keras`` (Keras 2) twin of a model when called inside
-:func:`layer_library`; quantization-aware training needs that twin.
+:func:`layer_library`; quantization-aware training needs that twin. Inside
+:func:`batch_norm_layer` they build every BatchNormalization from a subclass that computes
+the same layer faster (training uses it; saved models always hold the stock layer).
 """
 
 from __future__ import annotations
@@ -50,6 +52,27 @@ def library() -> types.ModuleType:
     return _library.get()
 
 
+_batch_norm_class: contextvars.ContextVar[type | None] = contextvars.ContextVar(
+    "batch_norm_class", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_norm_layer(layer_class: type):
+    """Builds every BatchNormalization as ``layer_class``, a subclass of the stock layer
+    that computes the same function (e.g. the fused training layer of
+    :mod:`keras_resnet.pipeline.fused_batch_norm`). Names, weights and their order stay
+    those of the stock layer.
+    """
+    if not issubclass(layer_class, library().layers.BatchNormalization):
+        raise TypeError(f"{layer_class.__name__} is not a BatchNormalization subclass")
+    token = _batch_norm_class.set(layer_class)
+    try:
+        yield layer_class
+    finally:
+        _batch_norm_class.reset(token)
+
+
 def _kernel_init():
     # He et al. 2015 initialisation in fan-out mode, as torchvision.
     return library().initializers.VarianceScaling(2.0, "fan_out", "untruncated_normal")
@@ -76,7 +99,11 @@ def conv(x, filters, kernel_size, *, strides=1, groups=1, use_bias=False, name,
 
 def batch_norm(x, *, name, zero_gamma=False, keras_applications=False):
     """BatchNormalization named ``{name}_bn``."""
-    return library().layers.BatchNormalization(
+    stock = library().layers.BatchNormalization
+    layer_class = _batch_norm_class.get()
+    if layer_class is None or not issubclass(layer_class, stock):  # e.g. a tf_keras twin
+        layer_class = stock
+    return layer_class(
         axis=-1, gamma_initializer="zeros" if zero_gamma else "ones",
         name=f"{name}_bn", **(KERAS_APPS_BN if keras_applications else BN),
     )(x)

@@ -174,22 +174,47 @@ def test_compare_mode_pytorch(capsys, tmp_path):
     status, report, out, err = run(
         capsys, tmp_path, "compare", "--compare=pytorch", "--compare_models=resnet8",
         "--backends=tensorflow", "--image_size=8", "--batch_size=4", "--tasks=train",
+        "--precisions=float32,mixed_bfloat16", "--torch_modes=eager",
+        "--torch_formats=channels_last",
         # One thread each: OpenMP teams stall badly on a loaded 2-core machine.
         "--intra_op_threads=1", *TINY)
     assert status == 0, err
     check_report(report, "compare")
     names = [r["name"] for r in report["results"]]
-    assert names == ["keras_resnet resnet8 [tensorflow]", "pytorch resnet8 [nchw]",
-                     "pytorch resnet8 [channels_last]"]
+    assert names == ["keras_resnet resnet8 [tensorflow, float32]",
+                     "keras_resnet resnet8 [tensorflow, bf16]",
+                     "pytorch resnet8 [channels_last, float32]",
+                     "pytorch resnet8 [channels_last, bf16]"]
+    assert [r["precision"] for r in report["results"]] == ["float32", "mixed_bfloat16"] * 2
     for r in report["results"]:
         check_result(r, task="train", batch=4)
-    assert report["results"][1]["info"]["torch_threads"] == 1
-    assert {(r["task"], r["other"]) for r in report["ratios"]} == {
-        ("train", f"pytorch resnet8 [{f}]") for f in ("nchw", "channels_last")}
-    assert all(r["ratio_of_medians"] > 0 for r in report["ratios"])
+    assert report["results"][0]["info"]["fused_batch_norm"] is True  # as tools/train.py
+    assert report["results"][2]["info"]["torch_threads"] == 1
+    # ratios pair the same precision; best against best takes each side's fastest
+    assert {(r["keras_resnet"], r["other"]) for r in report["ratios"]} == {
+        (names[0], names[2]), (names[1], names[3])}
+    (best,) = report["best"]
+    fastest = max(report["results"][:2], key=lambda r: r["images_per_sec"]["median"])
+    assert best["keras_resnet"] == fastest["name"]
+    assert best["keras_resnet_precision"] == fastest["precision"]
     (check,) = report["params"]["keras_resnet_vs_pytorch"]
     assert check["equal"], check
-    assert "ratio (medians)" in out and "(equal)" in out
+    assert "ratio (medians)" in out and "(equal)" in out and "PyTorch's best" in out
+    assert "bfloat16 CPU flags" in out
+
+
+@pytest.mark.slow
+@needs_torch
+def test_compare_mode_torch_compile(capsys, tmp_path):
+    status, report, _, err = run(
+        capsys, tmp_path, "compare", "--compare=pytorch", "--compare_models=resnet8",
+        "--backends=tensorflow", "--image_size=8", "--batch_size=4", "--tasks=train",
+        "--precisions=mixed_bfloat16", "--torch_modes=compile",
+        "--torch_formats=channels_last", *TINY)
+    assert status == 0, err
+    torch_result = report["results"][1]
+    assert torch_result["name"] == "pytorch resnet8 [channels_last, bf16, compile]"
+    assert torch_result["info"]["compile"] is True
 
 
 @needs_torch
@@ -236,11 +261,11 @@ def test_compare_mode_applications(capsys, tmp_path):
     status, report, _, err = run(
         capsys, tmp_path, "compare", "--compare=applications", "--compare_models=resnet50",
         "--backends=tensorflow", "--image_size=32", "--batch_size=2", "--classes=10",
-        "--tasks=infer", *TINY)
+        "--tasks=infer", "--precisions=float32", *TINY)
     assert status == 0, err
     names = [r["name"] for r in report["results"]]
-    assert names == ["keras_resnet resnet50 [tensorflow]",
-                     "keras.applications.ResNet50 [tensorflow]"]
+    assert names == ["keras_resnet resnet50 [tensorflow, float32]",
+                     "keras.applications.ResNet50 [tensorflow, float32]"]
     (ratio,) = report["ratios"]
     assert ratio["task"] == "infer" and ratio["ratio_of_medians"] > 0
 
@@ -258,9 +283,10 @@ def test_train_mode_jax_backend_subprocess(capsys, tmp_path):
 
 
 def test_ratios_and_table_come_from_the_measurements():
-    def result(name, role, rates, backend="tensorflow"):
+    def result(name, role, rates, backend="tensorflow", precision="float32"):
         return {"name": name, "role": role, "group": "g", "task": "train",
                 "backend": backend, "batch_size": 2, "window_images_per_sec": rates,
+                "precision": precision,
                 "images_per_sec": {"median": sorted(rates)[1], "min": min(rates),
                                    "max": max(rates)},
                 "step_ms": {"median": 1.0}, "first_step_s": 0.5,
@@ -269,9 +295,21 @@ def test_ratios_and_table_come_from_the_measurements():
     results = [result("keras_resnet m [tensorflow]", "keras_resnet", [10.0, 20.0, 30.0]),
                result("apps [tensorflow]", "applications", [5.0, 10.0, 60.0]),
                result("apps [jax]", "applications", [1.0, 1.0, 1.0], backend="jax"),
-               result("pytorch m [nchw]", "pytorch_nchw", [20.0, 40.0, 60.0])]
-    ratios = {r["other"]: r for r in protocol.ratios(results)}
-    assert set(ratios) == {"apps [tensorflow]", "pytorch m [nchw]"}  # same backend only
+               result("pytorch m [nchw]", "pytorch", [20.0, 40.0, 60.0]),
+               result("keras_resnet m [tensorflow, bf16]", "keras_resnet", [30.0, 50.0, 70.0],
+                      precision="mixed_bfloat16"),
+               result("pytorch m [bf16]", "pytorch", [40.0, 100.0, 100.0],
+                      precision="mixed_bfloat16")]
+    ratios = {(r["keras_resnet"], r["other"]): r for r in protocol.ratios(results)}
+    # same backend (applications) and same precision only
+    assert set(ratios) == {("keras_resnet m [tensorflow]", "apps [tensorflow]"),
+                           ("keras_resnet m [tensorflow]", "pytorch m [nchw]"),
+                           ("keras_resnet m [tensorflow, bf16]", "pytorch m [bf16]")}
+    ratios = {other: r for (mine, other), r in ratios.items() if "bf16" not in mine}
+    (best,) = protocol.best_against_best(results)
+    assert (best["keras_resnet"], best["other"]) == ("keras_resnet m [tensorflow, bf16]",
+                                                     "pytorch m [bf16]")
+    assert best["ratio_of_medians"] == 0.5
     assert ratios["apps [tensorflow]"]["ratio_of_medians"] == 2.0
     assert ratios["apps [tensorflow]"]["paired_window_ratio_median"] == 2.0
     assert ratios["pytorch m [nchw]"]["ratio_of_medians"] == 0.5
@@ -279,8 +317,10 @@ def test_ratios_and_table_come_from_the_measurements():
     assert params["keras_resnet_vs_pytorch"] == [
         {"group": "g", "keras_resnet": [10], "pytorch": [10], "equal": True}]
     text = format_report({"results": results, "ratios": list(ratios.values()), "params": params,
-                          "machine": {"machine": "x86_64", "cpus_usable": 2}})
+                          "best": [best], "machine": {"machine": "x86_64", "cpus_usable": 2,
+                                                      "cpu_bf16_flags": []}})
     assert "2.000" in text and "0.500" in text and "(equal)" in text
+    assert "PyTorch's best" in text and "no bfloat16 CPU flags" in text
 
 
 @pytest.mark.parametrize("args, message", [
@@ -291,6 +331,8 @@ def test_ratios_and_table_come_from_the_measurements():
     (["train", "--depth=8", "--backend=theano"], "backend='theano' is not valid"),
     (["train", "--depth=8", "--windows=0"], "--windows=0 must be at least 1"),
     (["train", "--depth=8", "--precision=float16"], "precision='float16' is not valid"),
+    (["compare", "--precisions=float16"], "precisions='float16' is not valid"),
+    (["compare", "--torch_modes=jit"], "torch_modes='jit' is not valid"),
     (["infer", "--model_file=missing.keras"], "does not exist"),
     (["infer", "--model_file=model.h5"], "must be a .keras or .tflite file"),
     (["pipeline", "--dataset=folder"], "needs --data_dir"),

@@ -3,7 +3,9 @@
 
 Each call returns what it measured, with the same fields as the JSON file the tools write.
 Runs in a fresh interpreter: QAT imports tfmot, which switches ``tf.keras`` to tf_keras for
-the rest of the process, as it would in a notebook.
+the rest of the process, as it would in a notebook. Training runs in bfloat16 with the fused
+BatchNormalization on every machine (the CPU is told it has AMX), so a bf16-trained run is
+shown to go through QAT and export.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from conftest import python_subprocess
 NOTEBOOK = """
     import json, sys
     from keras_resnet import pipeline
+    from keras_resnet.pipeline import precision
 
+    precision.host_cpu_flags = lambda: frozenset({"amx_bf16", "avx512_bf16"})
     run = sys.argv[1]
     result = pipeline.train(pipeline.TrainConfig(depth=8, dataset="digits", epochs=2,
                                                  batch_size=64, model_dir=run,
-                                                 verbose="false"))
+                                                 mixed_precision="true", verbose="false"))
     qat = pipeline.qat(run, epochs=1, steps_per_epoch=5, calibration_steps=4,
                        agreement_samples=100, io="uint8", verbose="false")
     exported = pipeline.export(run, modes=["float32", "ptq_int8", "qat_int8"], io="uint8",
@@ -36,6 +40,9 @@ def test_python_api_end_to_end(tmp_path):
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
     got = json.loads(line[len("RESULT "):])
     assert got["train"] == json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert (config["dtype_policy"], config["fused_batch_norm_resolved"]) == (
+        "mixed_bfloat16", True)
     assert got["qat"] == json.loads((run / "qat.json").read_text())
     export = dict(got["export"])
     assert export.pop("table").startswith("LiteRT on 100 validation images")

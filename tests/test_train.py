@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import TEST_ENV as ENV
-from conftest import tool, tool_subprocess
+from conftest import saved_layers, tool, tool_subprocess
 
 import keras_resnet
 from keras_resnet import pipeline
-from keras_resnet.pipeline import optimization, training
+from keras_resnet.pipeline import network, optimization, precision
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=8", "--dataset=digits", "--batch_size=32", "--verbose=false"]
@@ -342,10 +342,48 @@ def test_cli_bad_data(tmp_path, capsys):
     status, _, err = cli(capsys, "--depth=20", "--dataset=cifar10", f"--data_dir={tmp_path}",
                          f"--model_dir={tmp_path / 'run'}")
     assert status == 2 and "TFDS dataset 'cifar10' is not prepared" in err
-    if not tf.config.list_physical_devices("GPU"):
-        status, _, err = cli(capsys, *TINY, "--mixed_precision=true",
-                             f"--model_dir={tmp_path / 'run'}")
-        assert status == 2 and "mixed_precision=true needs a GPU" in err
+
+
+
+def test_mixed_precision_true_without_native_bfloat16_is_refused(tmp_path, capsys,
+                                                                 monkeypatch):
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("with a GPU, mixed_precision=true is float16")
+    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    status, _, err = cli(capsys, *TINY, "--mixed_precision=true",
+                         f"--model_dir={tmp_path / 'run'}")
+    assert status == 2 and err.strip() == (
+        "error: --mixed_precision=true needs a GPU or a CPU with native bfloat16 (amx_bf16 "
+        "or avx512_bf16), which this CPU lacks; use --mixed_precision=auto")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch):
+    """auto picks bfloat16 where the CPU has it; every saved .keras file is float32 and
+    holds stock layers; the checkpoint loads into a stock float32 model."""
+    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    run = tmp_path / "run"
+    metrics = pipeline.train(pipeline.TrainConfig(
+        depth=8, dataset="digits", epochs=2, batch_size=32, steps_per_epoch=4,
+        model_dir=str(run), verbose="false"))
+    config = read_json(run / "config.json")
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    assert config["dtype_policy"] == ("mixed_float16" if gpu else "mixed_bfloat16")
+    assert config["fused_batch_norm_resolved"] and config["cpu_bf16_flags"] == ["avx512_bf16"]
+    assert np.isfinite(metrics["train_loss"])
+    for name in ("model.keras", "best.keras"):
+        classes, policies = saved_layers(run / name)
+        assert ("BatchNormalization", "keras.layers") in classes
+        assert all(module.startswith("keras") for _, module in classes), classes
+        assert not any("float16" in p for p in policies), policies
+        model = keras.saving.load_model(run / name, safe_mode=True)
+        assert model.dtype_policy.name == "float32" and model.optimizer is not None
+    stock = network.build_model(pipeline.resolve(pipeline.TrainConfig(depth=8)), 10)
+    state = read_json(run / "checkpoints" / "checkpoint.json")
+    stock.load_weights(run / "checkpoints" / state["weights"])
+    saved = keras.saving.load_model(run / "model.keras", compile=False)
+    for a, b in zip(stock.get_weights(), saved.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -367,7 +405,7 @@ def test_initial_weights_new_head_flat_graph(digits_run, tmp_path):
         if path.suffix == ".h5":
             source.save_weights(path)
         resolved = pipeline.resolve(pipeline.TrainConfig(depth=8, initial_weights=str(path)))
-        model = training.build_model(resolved, num_classes=3)
+        model = network.build_model(resolved, num_classes=3)
         assert model.output_shape == (None, 3)
         assert not any(isinstance(layer, keras.Model) for layer in model.layers)  # flat
         for name in ("conv1_conv", "conv4_block1_2_conv", "conv4_block1_2_bn"):
@@ -377,7 +415,7 @@ def test_initial_weights_new_head_flat_graph(digits_run, tmp_path):
     other = keras_resnet.resnet(depth=14, classes=10)
     other.save(tmp_path / "other.keras")
     with pytest.raises(pipeline.UserError, match="has layer.* that resnet8 lacks, so it is not"):
-        training.build_model(pipeline.resolve(pipeline.TrainConfig(
+        network.build_model(pipeline.resolve(pipeline.TrainConfig(
             depth=8, initial_weights=str(tmp_path / "other.keras"))), num_classes=3)
 
 
@@ -486,7 +524,7 @@ from keras_resnet import pipeline
 
 out = sys.argv[1]
 common = dict(depth=8, dataset="digits", epochs=2, batch_size=64, steps_per_epoch=4,
-              learning_rate=0.05, freeze_bn=True, verbose="false")
+              learning_rate=0.05, freeze_bn=True, mixed_precision="false", verbose="false")
 result = {}
 for name in ("default", "mirrored"):
     run = os.path.join(out, name)

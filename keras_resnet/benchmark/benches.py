@@ -43,7 +43,7 @@ def apply_threads(spec: dict) -> None:
 
 
 def train_config(*, model=None, depth=None, model_options=None, batch_size=None,
-                 image_size=None, seed=0):
+                 image_size=None, seed=0, fused_batch_norm=True):
     """The TrainConfig of a benchmarked model: synthetic data, one epoch, no warm-up.
 
     One epoch without warm-up gives the plain schedule of the recipe over the benchmark's
@@ -53,7 +53,32 @@ def train_config(*, model=None, depth=None, model_options=None, batch_size=None,
 
     return TrainConfig(depth=depth, model=model, model_options=dict(model_options or {}),
                        dataset="synthetic", batch_size=batch_size, image_size=image_size,
-                       seed=seed, epochs=1, warmup_epochs=0)
+                       seed=seed, epochs=1, warmup_epochs=0,
+                       fused_batch_norm=fused_batch_norm)
+
+
+def backend_has_gpu(backend: str) -> bool:
+    """Whether the Keras backend ``backend`` (imported here) sees a GPU."""
+    if backend == "jax":
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def resolve_precision(precision: str, backend: str) -> str:
+    """The dtype policy of ``precision``; "auto" is tools/train.py's choice on this machine."""
+    from keras_resnet.pipeline.precision import choose_policy
+
+    if precision != "auto":
+        return precision
+    return choose_policy("auto", gpu=backend_has_gpu(backend))
 
 
 def default_jit(backend: str) -> bool:
@@ -72,30 +97,28 @@ def build_and_compile(spec: dict):
     """Builds and compiles the spec's model as training does; returns (model, jit_compile)."""
     import keras
 
-    from keras_resnet.pipeline import config, optimization, training
+    from keras_resnet.pipeline import config, network, optimization
 
     resolved = config.resolve(train_config(
         model=spec.get("model"), depth=spec.get("depth"),
         model_options=spec.get("model_options"), batch_size=spec["batch_size"],
-        image_size=spec["image_size"], seed=spec["seed"]))
+        image_size=spec["image_size"], seed=spec["seed"],
+        fused_batch_norm=bool(spec.get("fused_batch_norm"))))
     classes = spec["classes"]
-    jit = training.truthy(spec["jit_compile"], default_jit(keras.config.backend()))
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(spec["precision"])
-    try:
-        if spec["source"] == "applications":
-            size = spec["image_size"]
-            builder = getattr(keras.applications, APPLICATIONS[resolved.model])
+    backend = keras.config.backend()
+    jit = config.truthy(spec["jit_compile"], default_jit(backend))
+    policy = resolve_precision(spec["precision"], backend)
+    if spec["source"] == "applications":
+        size = spec["image_size"]
+        builder = getattr(keras.applications, APPLICATIONS[resolved.model])
+        with network.dtype_policy(policy):
             model = builder(weights=None, input_shape=(size, size, 3), classes=classes,
                             classifier_activation=None)
-        else:
-            model = training.build_model(resolved, classes)
-        optimization.prepare_for_training(model, resolved, classes,
-                                          steps_per_epoch=spec["total_steps"],
-                                          jit_compile=jit)
-    finally:
-        keras.config.set_dtype_policy(previous)
-    return model, bool(model.jit_compile)
+    else:
+        model = network.build_training_model(resolved, classes, policy=policy)
+    optimization.prepare_for_training(model, resolved, classes,
+                                      steps_per_epoch=spec["total_steps"], jit_compile=jit)
+    return model, bool(model.jit_compile), policy
 
 
 class KerasBench:
@@ -118,10 +141,10 @@ class KerasBench:
                 raise BenchmarkError(f"{spec['model_file']} has no fixed input size; pass "
                                      "image_size")
             self.classes = predictor.num_outputs
-            jit = None
+            jit, policy = None, self.model.dtype_policy.name
         else:
             self.size, self.classes = spec["image_size"], spec["classes"]
-            self.model, jit = build_and_compile(spec)
+            self.model, jit, policy = build_and_compile(spec)
         self.inputs = {}
         for task in spec["tasks"]:
             self._inputs(parse_task(task)[1])
@@ -129,7 +152,10 @@ class KerasBench:
         self.info = {"backend": keras.config.backend(), "keras": keras.__version__,
                      "model_name": self.model.name, "params_trainable": trainable,
                      "params_total": int(self.model.count_params()),
-                     "jit_compile": jit, "precision": spec.get("precision"),
+                     "jit_compile": jit, "precision": policy,
+                     "fused_batch_norm": any(
+                         type(layer).__module__.startswith("keras_resnet")
+                         for layer in self.model.layers),
                      "image_size": self.size, "classes": self.classes}
         if keras.config.backend() == "tensorflow":
             import tensorflow as tf

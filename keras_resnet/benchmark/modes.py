@@ -6,6 +6,7 @@ the report it adds (``results``; compare adds ``ratios`` and ``params``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 
@@ -14,9 +15,11 @@ from keras_resnet.benchmark.benches import APPLICATIONS
 from keras_resnet.benchmark.settings import (
     BACKENDS,
     CIFAR_BATCH,
+    COMPARE_PRECISIONS,
     COMPARISONS,
     TASKS,
     TORCH_FORMATS,
+    TORCH_MODES,
     Settings,
     choose_list,
     ints,
@@ -138,22 +141,30 @@ def _compare_specs(s: Settings, name: str) -> tuple[str, list[dict]]:
                              f"builds {', '.join(APPLICATIONS)}; use compare=applications,pytorch")
     tasks = [f"{t}:{batch}" for t in s.tasks]
     specs = []
-    for backend in s.backends:
-        common = dict(backend=backend, resolved=resolved, batch=batch, size=size,
-                      classes=classes, tasks=tasks, group=variant)
-        specs.append(s.keras_spec(f"keras_resnet {variant} [{backend}]", role="keras_resnet",
-                                  **common))
-        if with_apps:
-            specs.append(s.keras_spec(f"keras.applications.{APPLICATIONS[variant]} [{backend}]",
-                                      source="applications", role="applications", **common))
+    short = {"float32": "float32", "mixed_bfloat16": "bf16"}
+    for precision in s.precisions:
+        p = short[precision]
+        for backend in s.backends:
+            common = dict(backend=backend, resolved=resolved, batch=batch, size=size,
+                          classes=classes, tasks=tasks, group=variant, precision=precision)
+            specs.append(s.keras_spec(f"keras_resnet {variant} [{backend}, {p}]",
+                                      role="keras_resnet", **common))
+            if with_apps:
+                specs.append(s.keras_spec(
+                    f"keras.applications.{APPLICATIONS[variant]} [{backend}, {p}]",
+                    source="applications", role="applications", **common))
     if with_torch:
         recipe = {"learning_rate": resolved.learning_rate,
                   "weight_decay": resolved.weight_decay,
                   "label_smoothing": resolved.label_smoothing, "momentum": resolved.momentum}
-        for fmt in s.torch_formats:
-            specs.append({"kind": "torch", "name": f"pytorch {variant} [{fmt}]",
-                          "backend": None, "group": variant, "role": f"pytorch_{fmt}",
-                          "model": variant, "arch": arch,
+        for precision, fmt, mode in itertools.product(s.precisions, s.torch_formats,
+                                                      s.torch_modes):
+            p = short[precision]
+            label = ", ".join([fmt, p] + (["compile"] if mode == "compile" else []))
+            specs.append({"kind": "torch", "name": f"pytorch {variant} [{label}]",
+                          "backend": None, "group": variant, "role": "pytorch",
+                          "model": variant, "arch": arch, "precision": precision,
+                          "compile": mode == "compile",
                           "channels_last": fmt == "channels_last", "classes": classes,
                           "image_size": size, "recipe": recipe, "tasks": tasks,
                           "seed": s.seed, "warmup": s.warmup,
@@ -170,6 +181,8 @@ def run_compare(s: Settings) -> dict:
     choose_list("compare", s.compare, COMPARISONS)
     choose_list("tasks", s.tasks, TASKS)
     choose_list("torch_formats", s.torch_formats, TORCH_FORMATS)
+    choose_list("torch_modes", s.torch_modes, TORCH_MODES)
+    choose_list("precisions", s.precisions, COMPARE_PRECISIONS)
     choose_list("backends", s.backends, BACKENDS)
     for backend in s.backends:
         need_backend(backend)
@@ -187,4 +200,5 @@ def run_compare(s: Settings) -> dict:
             items += [(runner, t) for t in spec["tasks"]]
         results += _measure(s, items)
     return {"results": results, "ratios": protocol.ratios(results),
+            "best": protocol.best_against_best(results),
             "params": protocol.param_checks(results)}

@@ -102,6 +102,8 @@ def _result(spec, task, start, times, *, steps):
     return {
         "name": spec["name"], "kind": spec["kind"], "backend": spec.get("backend"),
         "group": spec.get("group"), "role": spec.get("role"), "task": kind,
+        # the dtype policy the bench resolved ("auto" becomes what it ran in)
+        "precision": start["info"].get("precision", spec.get("precision")),
         "batch_size": batch, "model": spec.get("variant") or spec.get("model"),
         "images_per_sec": {"median": statistics.median(rates), "min": min(rates),
                            "max": max(rates)},
@@ -115,10 +117,11 @@ def _result(spec, task, start, times, *, steps):
 
 
 def ratios(results: list[dict]) -> list[dict]:
-    """keras_resnet / other, per group, backend and task: of medians and paired by window.
+    """keras_resnet / other, per group, task and precision: of medians and paired by window.
 
     keras.applications is compared on the same backend only; a PyTorch twin with every
-    keras_resnet backend.
+    keras_resnet backend. Only measurements in the same precision are paired here (see
+    :func:`best_against_best` for each side's fastest).
     """
     out = []
     for a in results:
@@ -126,17 +129,44 @@ def ratios(results: list[dict]) -> list[dict]:
             continue
         for b in results:
             if b is a or b["group"] != a["group"] or b["task"] != a["task"] or b["role"] in (
-                    "keras_resnet", None):
+                    "keras_resnet", None) or b.get("precision") != a.get("precision"):
                 continue
             if b["role"] == "applications" and b["backend"] != a["backend"]:
                 continue
-            paired = [x / y for x, y in zip(a["window_images_per_sec"],
-                                            b["window_images_per_sec"], strict=True)]
-            out.append({"group": a["group"], "task": a["task"], "keras_resnet": a["name"],
-                        "other": b["name"], "ratio_of_medians":
-                        a["images_per_sec"]["median"] / b["images_per_sec"]["median"],
-                        "paired_window_ratio_median": statistics.median(paired)})
+            out.append(_ratio(a, b))
     return out
+
+
+def best_against_best(results: list[dict]) -> list[dict]:
+    """Per group and task: keras_resnet's fastest measurement / PyTorch's fastest.
+
+    Each side picks its best precision, memory format and mode (what a user of either
+    would run); the ratio says how the two stand when both do their best.
+    """
+    out = []
+    groups = sorted({(r["group"], r["task"]) for r in results}, key=str)
+    for group, task in groups:
+        mine = [r for r in results if (r["group"], r["task"]) == (group, task)]
+        keras_best = _fastest([r for r in mine if r["role"] == "keras_resnet"])
+        torch_best = _fastest([r for r in mine if r["role"] == "pytorch"])
+        if keras_best and torch_best:
+            out.append({**_ratio(keras_best, torch_best),
+                        "keras_resnet_precision": keras_best.get("precision"),
+                        "pytorch_precision": torch_best.get("precision")})
+    return out
+
+
+def _fastest(results):
+    return max(results, key=lambda r: r["images_per_sec"]["median"], default=None)
+
+
+def _ratio(a, b):
+    paired = [x / y for x, y in zip(a["window_images_per_sec"], b["window_images_per_sec"],
+                                    strict=True)]
+    return {"group": a["group"], "task": a["task"], "keras_resnet": a["name"],
+            "other": b["name"], "ratio_of_medians":
+            a["images_per_sec"]["median"] / b["images_per_sec"]["median"],
+            "paired_window_ratio_median": statistics.median(paired)}
 
 
 def param_checks(results: list[dict]) -> dict:

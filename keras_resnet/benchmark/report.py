@@ -13,6 +13,8 @@ import json
 import os
 import platform
 
+from keras_resnet.pipeline.precision import bf16_flags, host_cpu_flags
+
 
 def version(dist: str) -> str | None:
     """The installed version of a distribution, or None."""
@@ -34,6 +36,10 @@ def machine() -> dict:
                 if line.startswith("model name"):
                     info["cpu"] = line.split(":", 1)[1].strip()
                     break
+    # The flags that decide whether bfloat16 pays (see keras_resnet.pipeline.precision).
+    info["cpu_bf16_flags"] = list(bf16_flags(host_cpu_flags()))
+    info["cpu_vector_flags"] = sorted(f for f in host_cpu_flags()
+                                      if f.startswith(("avx", "amx")) or f == "fma")
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/meminfo") as f:
             kb = int(f.readline().split()[1])
@@ -90,12 +96,14 @@ def format_report(report: dict) -> str:
         parts.append(table(rows, ["measurement", "backend", "task", "batch",
                                   "images/s median", "min-max (windows)", "ms/step median",
                                   "first step s"]))
-    if report.get("ratios"):
-        rows = [[r["group"], r["task"], r["keras_resnet"], r["other"],
-                 f"{r['ratio_of_medians']:.3f}", f"{r['paired_window_ratio_median']:.3f}"]
-                for r in report["ratios"]]
-        parts.append(table(rows, ["model", "task", "keras_resnet", "other",
-                                  "ratio (medians)", "ratio (paired windows)"]))
+    for key, title in (("ratios", "keras_resnet"), ("best", "keras_resnet's best")):
+        if report.get(key):
+            other = "other" if key == "ratios" else "PyTorch's best"
+            rows = [[r["group"], r["task"], r["keras_resnet"], r["other"],
+                     f"{r['ratio_of_medians']:.3f}", f"{r['paired_window_ratio_median']:.3f}"]
+                    for r in report[key]]
+            parts.append(table(rows, ["model", "task", title, other, "ratio (medians)",
+                                      "ratio (paired windows)"]))
     for check in (report.get("params") or {}).get("keras_resnet_vs_pytorch", []):
         k = ", ".join(f"{c:,}" for c in check["keras_resnet"])
         t = ", ".join(f"{c:,}" for c in check["pytorch"])
@@ -104,8 +112,11 @@ def format_report(report: dict) -> str:
                      f"pytorch {t} ({verdict})")
     parts += _memory_lines(report.get("memory") or {})
     m = report["machine"]
+    bf16 = m.get("cpu_bf16_flags")
+    flags = (f"; bfloat16 CPU flags: {', '.join(bf16)}" if bf16 else
+             "; no bfloat16 CPU flags (amx_bf16, avx512_bf16)" if bf16 is not None else "")
     parts.append(f"machine: {m.get('cpu', m['machine'])}, {m['cpus_usable']} CPUs usable, "
-                 f"{m.get('memory_gib', '?')} GiB; load average at start "
+                 f"{m.get('memory_gib', '?')} GiB{flags}; load average at start "
                  f"{m.get('load_average_at_start')}")
     return "\n\n".join(parts)
 

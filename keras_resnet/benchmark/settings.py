@@ -21,10 +21,13 @@ from keras_resnet.pipeline.errors import BenchmarkError, choose
 REPO = Path(__file__).resolve().parents[2]
 CIFAR_TAR = str(REPO.parent / "shared" / "datasets" / "cifar10" / "train.tar.gz")
 BACKENDS = ("tensorflow", "jax", "torch")
-PRECISIONS = ("float32", "mixed_bfloat16")
+# "auto" is what tools/train.py picks here (see keras_resnet.pipeline.precision).
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+COMPARE_PRECISIONS = ("float32", "mixed_bfloat16")
 COMPARISONS = ("applications", "pytorch")
 TASKS = ("train", "infer")
 TORCH_FORMATS = ("nchw", "channels_last")
+TORCH_MODES = ("eager", "compile")
 MEMORY_CHECKS = ("train", "folder")
 FOLDER_SOURCES = ("auto", "cifar", "synthetic")
 # Batch sizes when batch_size is unset: the CIFAR recipe's 128; ImageNet-style nets get
@@ -62,7 +65,12 @@ class Settings:
         "tensorflow", "Keras backend of train/infer: tensorflow, jax or torch (run in a "
         "subprocess when it is not this process's backend).")
     backends: list[str] = _option(["tensorflow"], "Keras backends measured by compare.")
-    precision: str = _option("float32", "float32 or mixed_bfloat16 (Keras dtype policy).")
+    precision: str = _option(
+        "auto", "train/infer: auto (as tools/train.py: mixed_bfloat16 on a CPU with AMX or "
+        "AVX512_BF16, else float32), float32 or mixed_bfloat16 (Keras dtype policy).")
+    fused_batch_norm: bool = _option(
+        True, "keras_resnet models train with the fused BatchNormalization, as "
+        "tools/train.py does (false: the stock Keras layer).")
     jit_compile: str = _option(
         "auto", "auto (TensorFlow: as tools/train.py, XLA only with a GPU; jax: on; torch: "
         "off), true or false.")
@@ -97,6 +105,11 @@ class Settings:
     tasks: list[str] = _option(list(TASKS), "compare: train and/or infer.")
     torch_formats: list[str] = _option(
         list(TORCH_FORMATS), "compare: PyTorch memory formats, nchw and/or channels_last.")
+    precisions: list[str] = _option(
+        list(COMPARE_PRECISIONS), "compare: precisions of every model, float32 and/or "
+        "mixed_bfloat16 (PyTorch: bfloat16 autocast).")
+    torch_modes: list[str] = _option(
+        list(TORCH_MODES), "compare: PyTorch eager and/or torch.compile.")
     memory_checks: list[str] = _option(
         list(MEMORY_CHECKS), "memory: train (tools/train.py) and/or folder.")
     memory_images: list[str] = _option(
@@ -176,6 +189,7 @@ class Settings:
                 "depth": depth, "model_options": resolved.model_options,
                 "batch_size": batch, "image_size": size, "classes": classes, "tasks": tasks,
                 "precision": self.precision, "jit_compile": self.jit_compile,
+                "fused_batch_norm": self.fused_batch_norm and source == "keras_resnet",
                 "seed": self.seed, "warmup": self.warmup,
                 "total_steps": self.warmup + self.windows * self.steps,
                 "inter_op_threads": self.inter_op_threads,

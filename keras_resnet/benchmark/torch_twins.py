@@ -49,16 +49,33 @@ def torch_arch(resolved) -> dict:
 
 
 class TorchBench:
-    """The plain PyTorch twin of a keras_resnet model, trained as keras_resnet's recipe."""
+    """The plain PyTorch twin of a keras_resnet model, trained as keras_resnet's recipe.
+
+    ``spec["precision"]`` "mixed_bfloat16" runs forward and loss under bfloat16 autocast
+    (PyTorch's mixed precision: float32 weights, bfloat16 matmuls and convolutions), "auto"
+    does so where tools/train.py would train keras_resnet in bfloat16; ``spec["compile"]``
+    wraps the model in ``torch.compile``.
+    """
 
     def __init__(self, spec):
         apply_threads(spec)
         import torch
 
+        from keras_resnet.pipeline.precision import bf16_flags, host_cpu_flags
+
         self.torch = torch
         torch.manual_seed(spec["seed"])
         fmt = torch.channels_last if spec["channels_last"] else torch.contiguous_format
-        self.model = torch_resnet(spec["arch"], spec["classes"]).to(memory_format=fmt)
+        cuda = torch.cuda.is_available()
+        self.device = "cuda" if cuda else "cpu"
+        precision = spec.get("precision", "float32")
+        if precision == "auto":  # bfloat16 on GPUs and on CPUs with native bfloat16
+            native = cuda or bf16_flags(host_cpu_flags())
+            precision = "mixed_bfloat16" if native else "float32"
+        self.precision = precision
+        self.model = torch_resnet(spec["arch"], spec["classes"]).to(
+            self.device, memory_format=fmt)
+        self.forward = torch.compile(self.model) if spec.get("compile") else self.model
         decay = [p for p in self.model.parameters() if p.ndim > 1]  # conv / linear kernels
         rest = [p for p in self.model.parameters() if p.ndim <= 1]  # BN and biases
         recipe = spec["recipe"]
@@ -76,30 +93,34 @@ class TorchBench:
                      "params_trainable": sum(p.numel() for p in self.model.parameters()
                                              if p.requires_grad),
                      "memory_format": "channels_last" if spec["channels_last"] else "nchw",
-                     "image_size": self.size, "classes": self.classes}
+                     "precision": self.precision, "compile": bool(spec.get("compile")),
+                     "device": self.device, "image_size": self.size, "classes": self.classes}
 
     def _inputs(self, batch, seed=0):
         if batch not in self.inputs:
             torch = self.torch
             x = torch.from_numpy(random_images(batch, self.size, seed).transpose(0, 3, 1, 2))
-            x = x.contiguous(memory_format=self.fmt)
-            y = torch.from_numpy(random_labels(batch, self.classes, seed)).long()
+            x = x.to(self.device).contiguous(memory_format=self.fmt)
+            y = torch.from_numpy(random_labels(batch, self.classes, seed)).long().to(self.device)
             self.inputs[batch] = (x, y)
         return self.inputs[batch]
 
     def step(self, task):
         kind, batch = parse_task(task)
         x, y = self._inputs(batch)
+        bf16 = self.torch.autocast(self.device, dtype=self.torch.bfloat16,
+                                   enabled=self.precision == "mixed_bfloat16")
         if kind == "train":
             self.model.train()
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss(self.model(x), y)
+            with bf16:
+                loss = self.loss(self.forward(x), y)
             loss.backward()
             self.optimizer.step()
             return float(loss.item())
         self.model.eval()
-        with self.torch.inference_mode():
-            return float(self.model(x)[0, 0].item())
+        with self.torch.inference_mode(), bf16:
+            return float(self.forward(x)[0, 0].item())
 
 
 def torch_resnet(arch: dict, classes: int):

@@ -16,12 +16,14 @@ class RunMonitor(keras.callbacks.Callback):
 
     Checkpoints are written as ``epoch_NNNN.weights.h5`` (weights and optimizer state)
     through a temporary file and a rename, then ``checkpoint.json`` is replaced the same
-    way: an interrupted write leaves the previous epoch's checkpoint intact.
+    way: an interrupted write leaves the previous epoch's checkpoint intact. The best
+    model is written by ``save_model(path)`` (the run's stock float32 ``.keras`` writer).
     """
 
     def __init__(self, *, run_dir, chief, state, phase, batch_size, steps_per_epoch,
-                 keep, total_epochs, start_time):
+                 keep, total_epochs, start_time, save_model):
         super().__init__()
+        self.save_model = save_model
         self.run_dir = run_dir
         self.chief = chief
         self.state = state
@@ -71,7 +73,7 @@ class RunMonitor(keras.callbacks.Callback):
             self.state["best_epoch"] = epoch + 1
         if self.chief:
             if improved:
-                rundir.save_atomic(os.path.join(self.run_dir, rundir.BEST), self.model.save)
+                self.save_model(os.path.join(self.run_dir, rundir.BEST))
             rundir.save_checkpoint(self.run_dir, epoch + 1, self.model.save_weights,
                                    self.state, keep=self.keep)
         print(epoch_line(row, self.total_epochs), flush=True)

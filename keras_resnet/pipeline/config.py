@@ -42,8 +42,14 @@ AUTO_BOOL = ("auto", "true", "false")
 STEP_BOUNDARIES = (0.5, 0.75)
 # Options that do not change what a run computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("epochs", "model_dir", "verbose", "keep_checkpoints", "overwrite",
-                     "cache_budget_mb")
+                     "cache_budget_mb", "fused_batch_norm")
 DEFAULT_CACHE_BUDGET_MB = 2048
+
+
+def truthy(value: str, auto: bool) -> bool:
+    """Resolves an auto/true/false option: ``auto`` when it is "auto"."""
+    choose("option", value, AUTO_BOOL)
+    return auto if value == "auto" else value == "true"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +158,13 @@ class TrainConfig:
     warmup_epochs: float | None = _option(
         help="warm-up epochs: linear for cosine, lr/10 for step/constant (recipe: he2015 0, "
              "fast 5% of the epochs, imagenet 5).")
-    mixed_precision: str = _option("auto", help="auto (on with a GPU), true or false.",
-                                   choices=AUTO_BOOL)
+    mixed_precision: str = _option(
+        "auto", help="auto (float16 with a GPU; bfloat16 on a CPU with AMX or AVX512_BF16; "
+                     "else float32), true or false; saved models are float32 either way.",
+        choices=AUTO_BOOL)
+    fused_batch_norm: bool = _option(
+        True, help="train BatchNormalization with TensorFlow's fused kernel (the same layer, "
+                   "faster); saved models hold the stock layer either way.")
     jit_compile: str = _option("auto", help="XLA: auto (with a GPU and one replica), true "
                                             "or false.", choices=AUTO_BOOL)
     steps_per_epoch: int | None = _option(
@@ -218,6 +229,7 @@ class ResolvedConfig:
     lr_schedule: str
     warmup_epochs: float
     mixed_precision: str
+    fused_batch_norm: bool
     jit_compile: str
     steps_per_epoch: int | None
     initial_weights: str | None

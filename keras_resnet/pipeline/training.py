@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -34,14 +35,21 @@ import numpy as np
 import tensorflow as tf
 
 import keras_resnet
-from keras_resnet import weights as weights_lib
-from keras_resnet.pipeline import callbacks, data, distribute, optimization, rundir
+from keras_resnet.pipeline import (
+    callbacks,
+    data,
+    distribute,
+    network,
+    optimization,
+    precision,
+    rundir,
+)
 from keras_resnet.pipeline.config import (
-    AUTO_BOOL,
     ResolvedConfig,
     TrainConfig,
     resolve,
     resume_conflicts,
+    truthy,
 )
 from keras_resnet.pipeline.errors import (
     ResumeMismatch,
@@ -51,94 +59,6 @@ from keras_resnet.pipeline.errors import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def truthy(value: str, auto: bool) -> bool:
-    """Resolves an auto/true/false option."""
-    assert value in AUTO_BOOL
-    return auto if value == "auto" else value == "true"
-
-
-# --------------------------------------------------------------------------- model
-
-
-def build_model(resolved: ResolvedConfig, num_classes: int) -> keras.Model:
-    """Builds the run's model (raw-pixel input, logits out) with its initial weights."""
-    size = resolved.image_size
-    try:
-        model = keras_resnet.resnet(
-            **resolved.architecture_arg, classes=num_classes, input_shape=(size, size, 3),
-            include_preprocessing=True, classifier_activation=None,
-            **resolved.model_options)
-    except ValueError as e:
-        raise UserError(str(e)) from e
-    if resolved.initial_weights:
-        load_initial_weights(model, resolved)
-    return model
-
-
-def load_initial_weights(model: keras.Model, resolved: ResolvedConfig) -> None:
-    """Sets every layer but the head from "imagenet" or a .keras / .weights.h5 file.
-
-    The model stays one flat functional graph: weights are copied layer by layer by name
-    from a source model, never by nesting that model.
-    """
-    spec = resolved.initial_weights
-    size = resolved.image_size
-    if spec == "imagenet":
-        try:
-            source = keras_resnet.resnet(variant=resolved.model, weights="imagenet",
-                                         include_top=False, include_preprocessing=True,
-                                         input_shape=(size, size, 3))
-        except Exception as e:  # download or file errors: report them in one sentence
-            raise UserError(f"could not load the ImageNet weights of {resolved.model} "
-                            f"({first_line(e)}); check the network or the keras cache "
-                            "(~/.keras/models)") from e
-        what = f"the ImageNet weights of {resolved.model}"
-    elif spec.endswith(".keras"):
-        what = os.path.expanduser(spec)
-        try:
-            source = keras.saving.load_model(what, compile=False, safe_mode=True)
-        except Exception as e:
-            raise UserError(f"could not load initial_weights {what} ({first_line(e)})") from e
-    else:
-        what = os.path.expanduser(spec)
-        source = _model_for_weights_file(what, resolved)
-    problem = weights_lib.mismatch(source, model, ignore=("predictions", "preprocess"))
-    if problem:
-        raise UserError(f"initial_weights {what} {problem}, so it is not a {model.name} "
-                        "network")
-    copied = weights_lib.transfer_weights(source, model, skip=("predictions",))
-    log.info("initialised %d layers from %s; new head", copied, what)
-
-
-def _model_for_weights_file(path: str, resolved: ResolvedConfig) -> keras.Model:
-    """A model of the run's variant holding a Keras 3 .weights.h5 file (by layer order)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            dense = []
-            f.visititems(lambda name, obj: dense.append(obj.shape)
-                         if name.startswith("layers/dense") and name.endswith("vars/0")
-                         else None)
-    except OSError as e:
-        raise UserError(f"initial_weights {path} is not a readable HDF5 file ({e})") from e
-    classes = dense[-1][-1] if dense else None
-    size = resolved.image_size
-    errors = []
-    for preprocessing in (True, False):
-        try:
-            source = keras_resnet.resnet(
-                **resolved.architecture_arg, classes=classes, include_top=bool(dense),
-                input_shape=(size, size, 3), include_preprocessing=preprocessing,
-                classifier_activation=None, **resolved.model_options)
-            source.load_weights(path)
-            return source
-        except Exception as e:
-            errors.append(first_line(e))
-    raise UserError(f"initial_weights {path} does not hold {resolved.model} weights "
-                    f"({errors[0]})")
 
 
 def _set_trainable(model, head_only, original, freeze_bn):
@@ -233,19 +153,19 @@ def _train(resolved, strategy, run_dir, *, chief, start):
     state = rundir.read_checkpoint_state(run_dir)
 
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    mixed = truthy(resolved.mixed_precision, gpu)
+    policy = precision.choose_policy(resolved.mixed_precision, gpu=gpu)
     jit = truthy(resolved.jit_compile, gpu and replicas == 1)
-    if mixed and not gpu:
-        raise UserError("mixed_precision=true needs a GPU (float16 is slow and inexact on "
-                        "CPU); use mixed_precision=auto")
-    keras.mixed_precision.set_dtype_policy("mixed_float16" if mixed else "float32")
 
     steps = resolved.steps_per_epoch or bundle.steps_per_epoch(batch)
     epochs = resolved.epochs
     record.update({
         "replicas": replicas, "per_replica_batch_size": batch // replicas,
         "strategy_resolved": distribute.strategy_name(strategy),
-        "mixed_precision_resolved": mixed, "jit_compile_resolved": jit,
+        "mixed_precision_resolved": policy != "float32", "dtype_policy": policy,
+        "cpu_bf16_flags": list(precision.bf16_flags(precision.host_cpu_flags())),
+        "fused_batch_norm_resolved": resolved.fused_batch_norm and (
+            keras.config.backend() == "tensorflow"),
+        "jit_compile_resolved": jit,
         "steps_per_epoch_resolved": steps, "train_images": bundle.train_size,
         "val_images": bundle.val_size, "skipped_images": len(bundle.skipped),
         "cached_in_memory": bundle.cached,
@@ -261,12 +181,15 @@ def _train(resolved, strategy, run_dir, *, chief, start):
     val_ds = bundle.val.map(one_hot) if bundle.val is not None else None
 
     with strategy.scope():
-        model = build_model(resolved, num_classes)
+        model = network.build_training_model(resolved, num_classes, policy=policy)
         original = {layer.name: layer.trainable for layer in model.layers}
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
             distribute.patch_for_multiworker(model, strategy)
         if resolved.optimizer != "adamw":
             optimization.add_weight_decay(model, resolved.weight_decay)
+    # Saved models go through a stock float32 twin (outside the strategy: only the chief
+    # writes them).
+    twin = network.build_twin(resolved, num_classes) if chief else None
     if chief:
         # Written once the model is known to build, so bad options leave no run behind.
         rundir.write_atomic(os.path.join(run_dir, rundir.CONFIG),
@@ -299,21 +222,28 @@ def _train(resolved, strategy, run_dir, *, chief, start):
                 _restore(model, optimizer, run_dir, state)
             elif iterations:
                 optimizer.iterations.assign(iterations)  # the schedule continues
+        if twin is not None:
+            _set_trainable(twin, head_only, original, resolved.freeze_bn)
+            optimization.compile_model(twin, resolved,
+                                       optimization.make_optimizer(resolved, schedule),
+                                       num_classes)
+            twin.optimizer.build(twin.trainable_variables)
         begin = max(first, done)
         if begin < last:
             _fit(model, resolved, bundle, val_ds, one_hot, state=state, run_dir=run_dir,
                  chief=chief, phase=index, begin=begin, last=last, steps=steps,
-                 verbose=verbose, start=start)
+                 verbose=verbose, start=start, save=functools.partial(
+                     network.save_model, model, twin))
         iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
         done = max(done, last)
     _set_trainable(model, False, original, resolved.freeze_bn)
-    return _finish(model, state, resolved, run_dir, start, bundle, chief=chief)
+    return _finish(model, twin, state, resolved, run_dir, start, bundle, chief=chief)
 
 
 def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase, begin,
-         last, steps, verbose, start):
+         last, steps, verbose, start, save):
     monitor = callbacks.RunMonitor(
-        run_dir=run_dir, chief=chief, state=state, phase=phase,
+        run_dir=run_dir, chief=chief, state=state, phase=phase, save_model=save,
         batch_size=resolved.batch_size, steps_per_epoch=steps,
         keep=resolved.keep_checkpoints, total_epochs=resolved.epochs, start_time=start)
     fit_callbacks = [monitor]
@@ -352,7 +282,7 @@ def _restore(model, optimizer, run_dir, state):
                         "the options it was started with, or overwrite=True") from e
 
 
-def _finish(model, state, resolved, run_dir, start, bundle, *, chief):
+def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
     history = state["history"]
     last = history[-1] if history else {}
     rates = [row["images_per_sec"] for row in history]
@@ -375,7 +305,7 @@ def _finish(model, state, resolved, run_dir, start, bundle, *, chief):
     }
     if not chief:
         return metrics
-    rundir.save_atomic(os.path.join(run_dir, rundir.MODEL), model.save)
+    network.save_model(model, twin, os.path.join(run_dir, rundir.MODEL))
     rundir.write_atomic(os.path.join(run_dir, rundir.METRICS), json.dumps(metrics, indent=1))
     rundir.write_history(run_dir, history)
     if history:

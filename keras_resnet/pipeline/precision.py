@@ -1,0 +1,81 @@
+"""Which Keras dtype policy a training run computes in.
+
+``mixed_precision`` is auto, true or false:
+
+* with a GPU, true (and auto) is ``mixed_float16``, as Keras recommends for GPUs;
+* on a CPU whose flags (``/proc/cpuinfo`` on Linux) include ``amx_bf16`` or
+  ``avx512_bf16``, true (and auto) is ``mixed_bfloat16``: oneDNN runs bfloat16
+  convolutions on AMX tiles or AVX512-BF16 dot products there, faster than float32; on
+  other CPUs bfloat16 is emulated and slower, so auto stays ``float32`` and true is refused;
+* false is ``float32`` everywhere.
+
+Only the computation changes: variables stay float32 under either mixed policy, and every
+saved ``.keras`` file holds a float32 model (see :func:`keras_resnet.pipeline.training.
+save_model`), so QAT and export see what they always saw.
+
+Example:
+    >>> choose_policy("auto", gpu=False, flags={"avx2", "avx512_bf16"})
+    'mixed_bfloat16'
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+from keras_resnet.pipeline.config import AUTO_BOOL
+from keras_resnet.pipeline.errors import UserError, choose
+
+# CPU flags with native bfloat16 arithmetic that oneDNN uses (AMX tiles, AVX512-BF16).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags (the ``flags`` line of /proc/cpuinfo); empty elsewhere."""
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def host_cpu_flags() -> frozenset[str]:
+    """:func:`cpu_flags` of this machine (read once)."""
+    return cpu_flags() if platform.system() == "Linux" else frozenset()
+
+
+def bf16_flags(flags) -> tuple[str, ...]:
+    """The flags of ``flags`` that make bfloat16 native (empty: no native bfloat16)."""
+    return tuple(f for f in BF16_CPU_FLAGS if f in flags)
+
+
+def choose_policy(option: str, *, gpu: bool, flags=None) -> str:
+    """The dtype policy of a run: "mixed_float16", "mixed_bfloat16" or "float32".
+
+    Args:
+        option: the run's ``mixed_precision`` (auto, true or false).
+        gpu: whether the run trains on GPUs.
+        flags: the CPU's flags (default: this machine's).
+
+    Raises:
+        UserError: ``true`` on a CPU without native bfloat16.
+    """
+    choose("mixed_precision", option, AUTO_BOOL)
+    if option == "false":
+        return "float32"
+    if gpu:
+        return "mixed_float16"
+    flags = host_cpu_flags() if flags is None else flags
+    if bf16_flags(flags):
+        return "mixed_bfloat16"
+    if option == "true":
+        raise UserError("mixed_precision=true needs a GPU or a CPU with native bfloat16 "
+                        f"({' or '.join(BF16_CPU_FLAGS)}), which this CPU lacks; use "
+                        "mixed_precision=auto")
+    return "float32"
