@@ -67,6 +67,10 @@ def test_validation_is_deterministic_and_train_epochs_are_a_function_of_seed():
     np.testing.assert_array_equal(_images(a.epochs(1).take(2)),
                                   _images(a.epochs(0).skip(a.steps_per_epoch(32)).take(2)))
     assert not np.array_equal(_images(a.epochs(0).take(1)), _images(a.epochs(1).take(1)))
+    # a run resumed mid-epoch starts k batches in, without decoding the k batches before
+    steps = a.steps_per_epoch(32)
+    np.testing.assert_array_equal(_images(a.epochs(1, skip_batches=5).take(steps)),
+                                  _images(a.epochs(1).skip(5).take(steps)))
     other = data.load_data("digits", image_size=16, batch_size=32, seed=4)
     assert not np.array_equal(_images(other.epochs(0).take(1)), first[0][:32])
 

@@ -14,7 +14,9 @@ Examples:
     python tools/train.py --depth=50 --dataset=synthetic --batch_size=32 \\
         --steps_per_epoch=10 --epochs=2 --model_dir=/tmp/bench
 
-Bad input ends with one line ``error: ...`` and exit status 2.
+Bad input ends with one line ``error: ...`` and exit status 2. SIGTERM (or Ctrl+C) stops
+after the running step with a checkpoint, one line, and exit status 143 (130); the same
+command resumes from that step.
 """
 
 from __future__ import annotations
@@ -44,14 +46,18 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     from keras_resnet import pipeline
+    from keras_resnet.pipeline.errors import Interrupted
 
     try:
         metrics = pipeline.train(_cli.dataclass_from_flags(FLAGS, TrainConfig))
+    except Interrupted as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return e.status
     except ValueError as e:  # UserError, or a flag that is not valid JSON
         return _cli.user_error(e, FLAGS)
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume after the last completed "
-              "epoch", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # a second Ctrl+C
+        print("interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
         return 130
     shown = {k: metrics[k] for k in ("epochs", "train_loss", "train_accuracy", "val_loss",
                                      "val_accuracy", "wall_time_s", "images_per_sec")}

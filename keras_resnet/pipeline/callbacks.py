@@ -4,24 +4,35 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import keras
 
 from keras_resnet.pipeline import rundir
+from keras_resnet.pipeline.errors import Interrupted
 
 
 class RunMonitor(keras.callbacks.Callback):
-    """Per-epoch bookkeeping: progress line, NaN guard, checkpoints, best model, history.
+    """Per-step and per-epoch bookkeeping: NaN guard, stop requests, mid-epoch and epoch
+    checkpoints, best model, history and the progress line.
 
-    Checkpoints are written as ``epoch_NNNN.weights.h5`` (weights and optimizer state)
-    through a temporary file and a rename, then ``checkpoint.json`` is replaced the same
-    way: an interrupted write leaves the previous epoch's checkpoint intact. The best
-    model is written by ``save_model(path)`` (the run's stock float32 ``.keras`` writer).
+    Checkpoints (weights and optimizer state, see :func:`rundir.save_checkpoint`) are
+    written at every epoch end, every ``checkpoint_every`` steps within an epoch (0: never),
+    and when ``stop`` (a :class:`~keras_resnet.pipeline.preemption.StopRequest`) records a
+    signal: then the step that ran finishes, the checkpoint is written and
+    :class:`~keras_resnet.pipeline.errors.Interrupted` stops the run (at an epoch's last
+    step, after that epoch's validation and checkpoint). ``agree(flag)`` makes every
+    worker of a multi-worker run take the same decision (any worker's signal stops all).
+    The best model is written by ``save_model(path)``.
+
+    ``first_step`` is the step the first epoch of this ``fit`` starts at (a resumed
+    mid-epoch checkpoint); that epoch then runs ``steps_per_epoch - first_step`` steps.
     """
 
     def __init__(self, *, run_dir, chief, state, phase, batch_size, steps_per_epoch,
-                 keep, total_epochs, start_time, save_model):
+                 keep, total_epochs, start_time, save_model, checkpoint_every=0,
+                 first_step=0, stop=None, agree=None):
         super().__init__()
         self.save_model = save_model
         self.run_dir = run_dir
@@ -33,7 +44,13 @@ class RunMonitor(keras.callbacks.Callback):
         self.keep = keep
         self.total_epochs = total_epochs
         self.start_time = start_time
+        self.checkpoint_every = checkpoint_every
+        self.first_step = first_step
+        self.stop = stop
+        self.agree = agree or (lambda signum: signum)
         self.bad_step = None
+        self.signum = 0  # the signal that stops the run (0: none)
+        self.offset = first_step
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
@@ -45,8 +62,18 @@ class RunMonitor(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            self.bad_step = (self.epoch, batch)
+            self.bad_step = (self.epoch, self.offset + batch)
             self.model.stop_training = True
+            return
+        step = self.offset + batch + 1
+        self.signum = self.agree(int(self.stop.signum or 0) if self.stop else 0)
+        if self.signum:
+            if step >= self.steps:
+                return  # the epoch ends now: its checkpoint, then the stop
+            self._save_checkpoint(epoch=self.epoch, step=step)
+            raise self._interrupted(step)
+        if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.steps:
+            self._save_checkpoint(epoch=self.epoch, step=step)
 
     def on_test_begin(self, logs=None):
         if self.t_train is None:  # validation starts: the epoch's training part is over
@@ -56,28 +83,50 @@ class RunMonitor(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         if self.bad_step is not None:
             return  # never checkpoint a diverged model
+        steps = self.steps - self.offset
+        self.offset = 0  # later epochs of this fit run whole
         train_time = self.t_train or (time.perf_counter() - self.t0)
         logs["learning_rate"] = self.lr
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()},
-               "images_per_sec": self.steps * self.batch_size / max(train_time, 1e-9),
+               "images_per_sec": steps * self.batch_size / max(train_time, 1e-9),
                "epoch_time_s": time.perf_counter() - self.t0}
         self.state["history"].append(row)
-        self.state["epoch"] = epoch + 1
-        self.state["phase"] = self.phase
-        self.state["wall_time_s"] = self.state.get("wall_time_before_s", 0.0) + (
-            time.perf_counter() - self.start_time)
         val = logs.get("val_accuracy")
         improved = val is not None and val > self.state.get("best_val_accuracy", -1.0)
         if improved:
             self.state["best_val_accuracy"] = float(val)
             self.state["best_epoch"] = epoch + 1
-        if self.chief:
-            if improved:
+            if self.chief:
                 self.save_model(os.path.join(self.run_dir, rundir.BEST))
-            rundir.save_checkpoint(self.run_dir, epoch + 1, self.model.save_weights,
-                                   self.state, keep=self.keep)
+        self._save_checkpoint(epoch=epoch + 1, step=0)
         print(epoch_line(row, self.total_epochs), flush=True)
+        if self.signum:
+            raise self._interrupted(self.steps)
 
+    def _save_checkpoint(self, *, epoch, step):
+        self.state.update(epoch=epoch, step=step, phase=self.phase, wall_time_s=self.state.get(
+            "wall_time_before_s", 0.0) + (time.perf_counter() - self.start_time))
+        if self.chief:
+            rundir.save_checkpoint(self.run_dir, self.model.save_weights, self.state,
+                                   keep=self.keep, needed=self._checkpoint_bytes())
+
+    def _checkpoint_bytes(self):
+        """About what a checkpoint takes: the last one's size, else 4 bytes per value of
+        the model's and the optimizer's (float32) variables."""
+        kept = self.state.get("checkpoints")
+        if kept:
+            return kept[-1]["size"]
+        variables = list(self.model.weights) + list(self.model.optimizer.variables)
+        return 4 * sum(math.prod(v.shape) for v in variables)
+
+    def _interrupted(self, step):
+        where = (f"after epoch {self.epoch + 1}" if step >= self.steps else
+                 f"at epoch {self.epoch + 1}, step {step}/{self.steps}")
+        written = (f"checkpoint {self.state['weights']} written" if self.chief else
+                   "the chief wrote the checkpoint")
+        name = signal.Signals(self.signum).name
+        return Interrupted(f"training stopped by {name} {where}; {written}; run the same "
+                           "command to resume", status=128 + self.signum)
 
 
 def epoch_line(row: dict[str, float], total_epochs: int) -> str:
@@ -115,5 +164,7 @@ def plot_curves(history: list[dict[str, float]], path: str, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        rundir.save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)

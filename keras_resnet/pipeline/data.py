@@ -77,17 +77,21 @@ class DataBundle:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def epochs(self, start_epoch: int = 0) -> tf.data.Dataset:
+    def epochs(self, start_epoch: int = 0, skip_batches: int = 0) -> tf.data.Dataset:
         """An endless training stream whose epoch k is a pure function of (seed, k).
 
         Unlike iterating ``train`` again, the sequence does not depend on how many
         iterators were made before, so runs on one device and on several replicas see the
         same batches, and a run resumed at ``start_epoch`` continues the same sequence.
+        ``skip_batches`` starts ``skip_batches`` batches into ``start_epoch`` (a run resumed
+        mid-epoch): the skipped images are never decoded or augmented.
         """
         if self.epoch_fn is None:
-            return self.train.repeat()
-        epochs = tf.data.Dataset.range(start_epoch, 2**62)
-        return _finish(epochs.flat_map(self.epoch_fn))
+            return self.train.repeat().skip(skip_batches)
+        first = tf.data.Dataset.range(start_epoch, start_epoch + 1).flat_map(
+            lambda epoch: self.epoch_fn(epoch, skip_batches))
+        rest = tf.data.Dataset.range(start_epoch + 1, 2**62).flat_map(self.epoch_fn)
+        return _finish(first.concatenate(rest))
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Full batches in one pass over ``train``."""
@@ -383,7 +387,7 @@ def _train_pipeline(split: Split, *, image_size, batch_size, seed, augment, cach
     if cached:
         base = read(split.elements).cache()
 
-    def epoch_fn(epoch):
+    def epoch_fn(epoch, skip_batches=0):
         epoch_seed = _epoch_seed(seed, epoch)
         if cached:
             ds = _permute(base, split.size, epoch_seed)
@@ -394,8 +398,9 @@ def _train_pipeline(split: Split, *, image_size, batch_size, seed, augment, cach
             # Streamed records (TFDS stores them shuffled): a window shuffle suffices.
             ds = read(split.elements).shuffle(min(split.size, STREAM_SHUFFLE_BUFFER),
                                               seed=seed)
-        # One stateless seed per element: (epoch seed, index in the epoch).
-        ds = ds.enumerate().map(
+        # One stateless seed per element: (epoch seed, index in the epoch). Skipping after
+        # the numbering keeps every later element's seed.
+        ds = ds.enumerate().skip(tf.cast(skip_batches, tf.int64) * batch_size).map(
             lambda i, xy: transform(xy[0], xy[1], tf.stack([epoch_seed, i])),
             num_parallel_calls=AUTOTUNE)
         if split.files and not small:

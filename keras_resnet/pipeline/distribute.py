@@ -73,6 +73,34 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+# Signal numbers below this are agreed on (SIGINT is 2, SIGTERM 15).
+_SIGNALS = 32
+
+
+def agreement(strategy: tf.distribute.Strategy):
+    """A function ``signum -> signum`` that gives every worker the same stop signal.
+
+    Workers of a multi-worker run must stop at the same step (the next step's collective
+    ops would wait forever for one that stopped), so each step the signal a worker received
+    (none, or its number as a one-hot vector) is summed over all replicas, a small
+    all-reduce beside each step's gradient all-reduce: any worker's signal stops them all
+    (the highest-numbered one names it). Any other strategy runs in one process: None
+    (this process's signal decides alone).
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+
+    def any_worker(signum: int) -> int:
+        local = (tf.one_hot(signum, _SIGNALS, dtype=tf.float32) if signum
+                 else tf.zeros([_SIGNALS]))
+        counts = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                 strategy.run(lambda: tf.identity(local)), axis=None)
+        received = [n for n, c in enumerate(counts.numpy()) if c > 0]
+        return max(received, default=0)
+
+    return any_worker
+
+
 def patch_for_multiworker(model, strategy):
     """Works around two Keras 3 bugs that stop fit() under MultiWorkerMirroredStrategy.
 

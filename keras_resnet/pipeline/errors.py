@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "UserError", "DataError", "RunDirError", "RunLocked", "ResumeMismatch", "TrainingStopped",
+    "WriteError", "Interrupted",
     "QuantizeError", "ExportError", "MetadataError", "BenchmarkError", "first_line", "choose",
     "as_flags",
 ]
@@ -40,6 +41,23 @@ class ResumeMismatch(RunDirError):
 
 class TrainingStopped(UserError):
     """Training stopped because the loss stopped being finite."""
+
+
+class WriteError(UserError):
+    """A file could not be written: the disk is full or read-only, or permission is
+    denied. Nothing half-written is left behind."""
+
+
+class Interrupted(UserError):
+    """Training was stopped by a signal (SIGTERM, SIGINT) after writing a checkpoint.
+
+    Attributes:
+        status: the exit status a tool ends with (128 + the signal number).
+    """
+
+    def __init__(self, message: str, *, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 class QuantizeError(UserError):

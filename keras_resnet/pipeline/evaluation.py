@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -225,8 +224,7 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
     if output_json:
         folder = os.path.dirname(os.path.abspath(os.fspath(output_json)))
         os.makedirs(folder, exist_ok=True)
-        with open(output_json, "w") as f:
-            json.dump(results, f, indent=1)
+        rundir.write_json(output_json, results)
     return results
 
 
@@ -258,5 +256,7 @@ def plot_confusion(confusion, class_names, path, *, title: str = "") -> None:
     ax.set_ylabel("true class")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        rundir.save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    finally:
+        plt.close(fig)

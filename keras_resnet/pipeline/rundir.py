@@ -16,23 +16,32 @@ extended by :func:`~keras_resnet.pipeline.qat` and :func:`~keras_resnet.pipeline
     model_<mode>.tflite, model_<mode>.json, export.json                 (export)
 
 Every file is replaced through a temporary file and a rename, so a reader (or a run that
-is killed) sees the old or the new content, never half. One process at a time writes a
-run folder: :class:`RunLock`.
+is killed) sees the old or the new content, never half; a write that fails because the disk
+is full or read-only, or for want of permission, removes its temporary file and raises one
+:class:`~keras_resnet.pipeline.errors.WriteError`. One process at a time writes a run
+folder: :class:`RunLock`.
+
+``checkpoints/checkpoint.json`` lists every kept checkpoint with its size and sha256 and
+the run's state when it was written (epoch, step within the next epoch, best score,
+history length); :func:`read_checkpoint_state` resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from keras_resnet.pipeline.errors import RunDirError, RunLocked
+from keras_resnet.pipeline.errors import RunDirError, RunLocked, WriteError
 
 CONFIG = "config.json"
 LABELS = "labels.txt"
@@ -60,16 +69,113 @@ IDENTITY_KEYS = ("model", "model_options", "num_classes", "image_size")
 
 # ----------------------------------------------------------------------------- writing
 
+# Write failures a user can fix (free space, a writable folder, permissions), by errno, and
+# the words libraries that hide the errno (h5py, TensorFlow's file system) use for them.
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+_WRITE_WORDS = re.compile(r"no space left on device|disk quota exceeded|read-only file "
+                          r"system|permission denied|operation not permitted", re.I)
+# Free space a write leaves untouched: a write that would cut into it is refused before it
+# starts (HDF5 has crashed the process when the disk filled up under it).
+FREE_SPACE_MARGIN = 1 << 20
+
+
+def write_errno(error: BaseException) -> int | None:
+    """The errno of a failed write that :data:`WRITE_ERRNOS` covers, or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = getattr(error, "errno", None)
+        if code in WRITE_ERRNOS:
+            return code
+        match = _WRITE_WORDS.search(str(error))
+        if match:
+            words = match[0].lower()
+            return next(c for c, w in WRITE_ERRNOS.items() if w == words)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def free_bytes(path) -> int | None:
+    """Free bytes for an unprivileged writer on the file system holding ``path``."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MB"
+
+
+def write_failure(path, code: int, needed: int | None = None) -> WriteError:
+    """The one-sentence WriteError for a write of ``path`` that failed with ``code``."""
+    path = os.fspath(path)
+    what = WRITE_ERRNOS[code]
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        free = free_bytes(path)
+        space = [f"{_mb(free)} free" if free is not None else None,
+                 f"about {_mb(needed)} needed" if needed else None]
+        space = ", ".join(p for p in space if p)
+        return WriteError(f"could not write {path}: {what}"
+                          f"{f' ({space})' if space else ''}; free some space")
+    if code == errno.EROFS:
+        return WriteError(f"could not write {path}: {what}; use a writable folder")
+    return WriteError(f"could not write {path}: {what}; make its folder writable or use "
+                      "another folder")
+
+
+def as_write_error(error: BaseException, folder) -> WriteError | None:
+    """``error`` (from a library writing into ``folder``, e.g. TensorBoard's event writer)
+    as a WriteError naming the file it names, or None when it is no write failure."""
+    if isinstance(error, WriteError):
+        return error
+    code = write_errno(error)
+    if code is None:
+        return None
+    folder = os.path.abspath(os.fspath(folder))
+    named = [p for p in re.findall(r"/[^\s;:'\"]+", str(error)) if p.startswith(folder)]
+    return write_failure(named[0] if named else folder, code)
+
+
+@contextlib.contextmanager
+def guarded_write(path, tmp, *, needed: int | None = None):
+    """Writes ``tmp`` (renamed to ``path`` by the caller) with failures made one WriteError.
+
+    With ``needed`` (bytes), a write that would leave less than :data:`FREE_SPACE_MARGIN`
+    free is refused before it starts (the message then counts the margin as needed). On
+    any failure ``tmp`` is removed.
+    """
+    if needed:
+        free = free_bytes(path)
+        if free is not None and free < needed + FREE_SPACE_MARGIN:
+            raise write_failure(path, errno.ENOSPC, needed + FREE_SPACE_MARGIN)
+    try:
+        yield
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        code = write_errno(e)
+        if code is None:
+            raise
+        raise write_failure(path, code, needed) from None
+
 
 def write_atomic(path, text: str) -> None:
     """Writes a text file so that readers see the old or the new content, never half."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with guarded_write(path, tmp, needed=len(text.encode())):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def write_json(path, data: Any) -> None:
@@ -79,20 +185,22 @@ def write_json(path, data: Any) -> None:
 def write_bytes_atomic(path, content: bytes) -> None:
     path = os.fspath(path)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(content)
-    os.replace(tmp, path)
+    with guarded_write(path, tmp, needed=len(content)):
+        with open(tmp, "wb") as f:
+            f.write(content)
+        os.replace(tmp, path)
 
 
-def save_atomic(path, save) -> None:
+def save_atomic(path, save, *, needed: int | None = None) -> None:
     """Calls ``save(temporary path)`` then renames; the temporary name keeps the extension
-    (Keras checks it)."""
+    (Keras checks it). ``needed``: the bytes the file will take, when known."""
     path = os.fspath(path)
     base, ext = (path[:-len(".weights.h5")], ".weights.h5") if path.endswith(
         ".weights.h5") else os.path.splitext(path)
     tmp = f"{base}.tmp{ext}"
-    save(tmp)
-    os.replace(tmp, path)
+    with guarded_write(path, tmp, needed=needed):
+        save(tmp)
+        os.replace(tmp, path)
 
 
 def read_json(path) -> Any:
@@ -105,13 +213,15 @@ def write_history(run_dir, history: list[dict[str, float]]) -> None:
     if not history:
         return
     keys = ["epoch"] + sorted({k for row in history for k in row} - {"epoch"})
-    tmp = os.path.join(run_dir, HISTORY + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for row in history:
-            writer.writerow(row)
-    os.replace(tmp, os.path.join(run_dir, HISTORY))
+    path = os.path.join(run_dir, HISTORY)
+    tmp = path + ".tmp"
+    with guarded_write(path, tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            for row in history:
+                writer.writerow(row)
+        os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- lock
@@ -222,40 +332,121 @@ def clear(model_dir) -> None:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# What a checkpoint entry records of the run's state when it was written: a resume from an
+# older checkpoint takes these values (and the history up to ``history`` rows) back.
+CHECKPOINT_STATE_KEYS = ("epoch", "step", "phase", "best_val_accuracy", "best_epoch",
+                         "wall_time_s")
+
+
+def checkpoint_name(epoch: int, step: int = 0) -> str:
+    """``epoch_NNNN.weights.h5`` after epoch N, ``epoch_NNNN_step_SSSSSS.weights.h5``
+    S steps into epoch N + 1 (written mid-epoch)."""
+    return (f"epoch_{epoch:04d}_step_{step:06d}.weights.h5" if step
+            else f"epoch_{epoch:04d}.weights.h5")
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(folder, entry: dict[str, Any]) -> str | None:
+    """What is wrong with a recorded checkpoint file (missing, cut short, altered), or None.
+
+    Entries written before sizes and hashes were recorded are checked for existence only.
+    """
+    path = os.path.join(folder, entry["weights"])
+    if not os.path.isfile(path):
+        return "missing"
+    size = os.path.getsize(path)
+    if "size" in entry and size != entry["size"]:
+        return f"{size:,} bytes, {entry['size']:,} recorded"
+    if "sha256" in entry and sha256_of(path) != entry["sha256"]:
+        return "its sha256 differs from the recorded one"
+    return None
+
 
 def read_checkpoint_state(model_dir) -> dict[str, Any] | None:
-    """The last completed epoch's checkpoint record, or None for a fresh run."""
-    path = os.path.join(model_dir, CHECKPOINTS, CHECKPOINT_STATE)
+    """The run state to resume from, or None for a fresh run.
+
+    That is the state recorded with the newest intact checkpoint: a newer one that is
+    missing, cut short or altered is passed over (the returned state's ``"damaged"`` lists
+    each as ``"name (what is wrong)"``), and the state goes back to the intact one's epoch,
+    step, best score and history.
+
+    Raises:
+        RunDirError: checkpoint.json is unreadable, or no recorded checkpoint is intact
+            (each is named with what is wrong with it).
+    """
+    folder = os.path.join(model_dir, CHECKPOINTS)
+    path = os.path.join(folder, CHECKPOINT_STATE)
     if not os.path.isfile(path):
         return None
-    state = read_json(path)
-    if not os.path.isfile(os.path.join(model_dir, CHECKPOINTS, state["weights"])):
-        raise RunDirError(f"{path} names {state['weights']}, which is missing; pass "
-                          "overwrite=True to start the run again")
-    return state
+    try:
+        state = read_json(path)
+        entries = state.get("checkpoints") or [
+            {"weights": state["weights"], **{k: state[k] for k in CHECKPOINT_STATE_KEYS
+                                             if k in state}}]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RunDirError(f"{path} is unreadable ({type(e).__name__}: {e}); pass "
+                          "overwrite=True to start the run again") from None
+    damaged = []
+    for index in range(len(entries) - 1, -1, -1):
+        entry = entries[index]
+        problem = checkpoint_problem(folder, entry)
+        if problem:
+            damaged.append(f"{entry['weights']} ({problem})")
+            continue
+        resumed = dict(state)
+        resumed.update({k: entry[k] for k in CHECKPOINT_STATE_KEYS if k in entry})
+        resumed.setdefault("step", 0)
+        if "history" in entry:
+            resumed["history"] = state.get("history", [])[:entry["history"]]
+        resumed.update(weights=entry["weights"], checkpoints=entries[:index + 1],
+                       damaged=damaged)
+        return resumed
+    raise RunDirError(f"no checkpoint in {folder} is intact ({'; '.join(damaged)}); pass "
+                      "overwrite=True to start the run again")
 
 
 def checkpoint_path(model_dir, state: dict[str, Any]) -> str:
     return os.path.join(model_dir, CHECKPOINTS, state["weights"])
 
 
-def save_checkpoint(model_dir, epoch: int, save_weights, state: dict[str, Any], *,
-                    keep: int) -> None:
-    """Writes ``epoch_NNNN.weights.h5``, then checkpoint.json and history.csv.
+def save_checkpoint(model_dir, save_weights, state: dict[str, Any], *, keep: int,
+                    needed: int | None = None) -> None:
+    """Writes the checkpoint of ``state`` (after ``state["epoch"]`` epochs and
+    ``state["step"]`` steps), then checkpoint.json and history.csv.
 
-    An interrupted write leaves the previous epoch's checkpoint intact. Only the newest
-    ``keep`` weight files stay.
+    The file's size and sha256 and the state go into checkpoint.json's list of kept
+    checkpoints; only the newest ``keep`` files stay. An interrupted or failed write
+    leaves the previous checkpoint intact and recorded.
+
+    Args:
+        needed: the bytes the file will take (refused up front when the disk lacks them).
     """
     folder = os.path.join(model_dir, CHECKPOINTS)
     os.makedirs(folder, exist_ok=True)
-    name = f"epoch_{epoch:04d}.weights.h5"
-    save_atomic(os.path.join(folder, name), save_weights)
+    name = checkpoint_name(state["epoch"], state.get("step", 0))
+    path = os.path.join(folder, name)
+    save_atomic(path, save_weights, needed=needed)
+    entry = {"weights": name, "size": os.path.getsize(path), "sha256": sha256_of(path),
+             "history": len(state["history"]),
+             **{k: state[k] for k in CHECKPOINT_STATE_KEYS if k in state}}
+    entries = [e for e in state.get("checkpoints", []) if e["weights"] != name] + [entry]
+    state["checkpoints"] = entries[-keep:]
     state["weights"] = name
-    write_atomic(os.path.join(folder, CHECKPOINT_STATE), json.dumps(state, indent=1))
+    record = {k: v for k, v in state.items() if k != "damaged"}
+    write_atomic(os.path.join(folder, CHECKPOINT_STATE), json.dumps(record, indent=1))
     write_history(model_dir, state["history"])
-    for old in sorted(f for f in os.listdir(folder) if f.startswith("epoch_")
-                      and f.endswith(".weights.h5") and ".tmp" not in f)[:-keep]:
-        os.remove(os.path.join(folder, old))
+    kept = {e["weights"] for e in state["checkpoints"]}
+    for old in os.listdir(folder):
+        if (old.startswith("epoch_") and old.endswith(".weights.h5") and ".tmp" not in old
+                and old not in kept):
+            os.remove(os.path.join(folder, old))
 
 
 # ----------------------------------------------------------------------------- reading

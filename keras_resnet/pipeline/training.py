@@ -42,11 +42,13 @@ from keras_resnet.pipeline import (
     network,
     optimization,
     precision,
+    preemption,
     rundir,
 )
 from keras_resnet.pipeline.config import (
     ResolvedConfig,
     TrainConfig,
+    checkpoint_interval,
     resolve,
     resume_conflicts,
     truthy,
@@ -55,6 +57,7 @@ from keras_resnet.pipeline.errors import (
     ResumeMismatch,
     TrainingStopped,
     UserError,
+    WriteError,
     first_line,
 )
 
@@ -94,7 +97,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     Raises:
         UserError: bad options, data or model_dir (RunLocked while another process
             writes it, ResumeMismatch for changed options); TrainingStopped when the loss
-            became NaN or infinite (the last good checkpoint is kept).
+            became NaN or infinite (the last good checkpoint is kept); WriteError when
+            the disk is full or read-only or a file may not be written (nothing half-written
+            stays; the same call resumes); Interrupted after SIGTERM/SIGINT (a checkpoint of
+            the last step was written; the same call resumes from it).
     """
     start = time.perf_counter()
     resolved = resolve(config)
@@ -107,10 +113,31 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # Only the chief writes the run folder; other workers read its checkpoints.
     chief = distribute.is_chief(strategy)
     run_dir = os.path.abspath(os.path.expanduser(resolved.model_dir))
-    if not chief:
-        return _train(resolved, strategy, run_dir, chief=False, start=start)
-    with rundir.RunLock(run_dir):
-        return _train(resolved, strategy, run_dir, chief=True, start=start)
+    with preemption.StopRequest() as stop:
+        try:
+            if not chief:
+                return _train(resolved, strategy, run_dir, chief=False, start=start,
+                              stop=stop)
+            with rundir.RunLock(run_dir):
+                return _train(resolved, strategy, run_dir, chief=True, start=start,
+                              stop=stop)
+        except Exception as e:  # noqa: BLE001 - only failed writes are reworded
+            failure = rundir.as_write_error(e, run_dir)
+            if failure is None:
+                raise
+            raise WriteError(f"{failure}, then run the same command to resume "
+                             f"({_resume_point(run_dir)})") from None
+
+
+def _resume_point(run_dir: str) -> str:
+    """Where the same command would resume the run (after a failed write)."""
+    try:
+        state = rundir.read_checkpoint_state(run_dir)
+    except UserError:
+        state = None
+    if not state:
+        return "no checkpoint was written yet, so it starts again"
+    return f"from {rundir.CHECKPOINTS}/{state['weights']}, which is intact"
 
 
 def check_resume(run_dir: str, resolved: ResolvedConfig) -> None:
@@ -119,7 +146,8 @@ def check_resume(run_dir: str, resolved: ResolvedConfig) -> None:
     Raises:
         ResumeMismatch: naming each option with its recorded and its new value.
     """
-    if resolved.overwrite or rundir.read_checkpoint_state(run_dir) is None:
+    if resolved.overwrite or not os.path.isfile(
+            os.path.join(run_dir, rundir.CHECKPOINTS, rundir.CHECKPOINT_STATE)):
         return
     old = rundir.read_config(run_dir)
     conflicts = resume_conflicts(old or {}, resolved)
@@ -130,7 +158,7 @@ def check_resume(run_dir: str, resolved: ResolvedConfig) -> None:
             "(only epochs may change), overwrite=True to start again, or another model_dir")
 
 
-def _train(resolved, strategy, run_dir, *, chief, start):
+def _train(resolved, strategy, run_dir, *, chief, start, stop):
     batch = resolved.batch_size
     replicas = strategy.num_replicas_in_sync
     if chief:
@@ -197,16 +225,21 @@ def _train(resolved, strategy, run_dir, *, chief, start):
         rundir.write_atomic(os.path.join(run_dir, rundir.LABELS),
                             "\n".join(bundle.class_names) + "\n")
 
-    state = state or {"epoch": 0, "history": [], "best_val_accuracy": -1.0}
+    state = state or {"epoch": 0, "step": 0, "history": [], "best_val_accuracy": -1.0}
     state["wall_time_before_s"] = state.get("wall_time_s", 0.0)
-    done = state["epoch"]
-    if done:
-        print(f"resuming {run_dir} after epoch {done}/{epochs}", flush=True)
+    done, step = state["epoch"], state.get("step", 0)
+    resumed = bool(state.get("weights"))
+    for damaged in state.pop("damaged", []):
+        print(f"checkpoint {damaged} is damaged: passed over", flush=True)
+    if resumed:
+        at = f", step {step}/{steps}" if step else ""
+        print(f"resuming {run_dir} after epoch {done}/{epochs}{at} from "
+              f"{rundir.CHECKPOINTS}/{state['weights']}", flush=True)
     freeze = resolved.freeze_backbone_epochs
     phases = [(0, freeze, True), (freeze, epochs, False)] if freeze else [(0, epochs, False)]
     # A checkpoint is restored into the phase (head-only or whole network) that saved it,
     # because its optimizer state covers that phase's trainable variables.
-    ckpt_phase = min(state.get("phase", 0), len(phases) - 1) if done else -1
+    ckpt_phase = min(state.get("phase", 0), len(phases) - 1) if resumed else -1
     verbose = 1 if truthy(resolved.verbose, sys.stdout.isatty()) else 0
     iterations = 0
     for index, (first, last, head_only) in enumerate(phases):
@@ -232,8 +265,9 @@ def _train(resolved, strategy, run_dir, *, chief, start):
         if begin < last:
             _fit(model, resolved, bundle, val_ds, one_hot, state=state, run_dir=run_dir,
                  chief=chief, phase=index, begin=begin, last=last, steps=steps,
-                 verbose=verbose, start=start, save=functools.partial(
-                     network.save_model, model, twin))
+                 first_step=step if begin == done else 0, verbose=verbose, start=start,
+                 stop=stop, agree=distribute.agreement(strategy),
+                 save=functools.partial(network.save_model, model, twin))
         iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
         done = max(done, last)
     _set_trainable(model, False, original, resolved.freeze_bn)
@@ -241,35 +275,54 @@ def _train(resolved, strategy, run_dir, *, chief, start):
 
 
 def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase, begin,
-         last, steps, verbose, start, save):
+         last, steps, first_step, verbose, start, stop, agree, save):
+    """Fits epochs ``begin`` to ``last``; a resumed mid-epoch checkpoint (``first_step``
+    steps into epoch ``begin``) first finishes that epoch in a ``fit`` of its own."""
+    segments = [(begin, begin + 1, first_step)] if first_step else []
+    if begin + bool(first_step) < last:
+        segments.append((begin + bool(first_step), last, 0))
+    for seg_begin, seg_end, skip in segments:
+        monitor = _fit_segment(model, resolved, bundle, val_ds, one_hot, state=state,
+                               run_dir=run_dir, chief=chief, phase=phase, begin=seg_begin,
+                               last=seg_end, steps=steps, first_step=skip, verbose=verbose,
+                               start=start, stop=stop, agree=agree, save=save)
+        if monitor.bad_step is not None:
+            break
+    if monitor.bad_step is not None:
+        bad_epoch, bad_batch = monitor.bad_step
+        kept = (f"the last good checkpoint ({state['weights']}) is kept in "
+                f"{run_dir}/{rundir.CHECKPOINTS}" if state.get("weights") else
+                "no checkpoint had been written")
+        raise TrainingStopped(
+            f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step "
+            f"{bad_batch + 1}, so training stopped; {kept}; lower learning_rate or check "
+            "the data")
+
+
+def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase,
+                 begin, last, steps, first_step, verbose, start, stop, agree, save):
     monitor = callbacks.RunMonitor(
         run_dir=run_dir, chief=chief, state=state, phase=phase, save_model=save,
         batch_size=resolved.batch_size, steps_per_epoch=steps,
-        keep=resolved.keep_checkpoints, total_epochs=resolved.epochs, start_time=start)
+        keep=resolved.keep_checkpoints, total_epochs=resolved.epochs, start_time=start,
+        checkpoint_every=checkpoint_interval(resolved, steps),
+        first_step=first_step, stop=stop, agree=agree)
     fit_callbacks = [monitor]
     if chief:
         fit_callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(run_dir, rundir.LOGS), write_graph=False, profile_batch=0))
     # The training stream from ``begin`` continues exactly where earlier steps left it.
-    data_epoch, offset = divmod(begin * steps,
+    data_epoch, offset = divmod(begin * steps + first_step,
                                 bundle.steps_per_epoch(resolved.batch_size) or 1)
-    train_ds = bundle.epochs(data_epoch).skip(offset).map(one_hot)
+    train_ds = bundle.epochs(data_epoch, skip_batches=offset).map(one_hot)
     with warnings.catch_warnings():
         # Validation sets that skip undecodable files have no known length, and Keras
         # warns "ran out of data" at their (normal) end.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        model.fit(train_ds, epochs=last, initial_epoch=begin, steps_per_epoch=steps,
-                  validation_data=val_ds, callbacks=fit_callbacks, verbose=verbose,
-                  shuffle=False)
-    if monitor.bad_step is not None:
-        bad_epoch, bad_batch = monitor.bad_step
-        kept = (f"the last good checkpoint (epoch {state['epoch']}) is kept in "
-                f"{run_dir}/{rundir.CHECKPOINTS}" if state["epoch"] else
-                "no epoch had completed, so there is no checkpoint")
-        raise TrainingStopped(
-            f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step "
-            f"{bad_batch + 1}, so training stopped; {kept}; lower learning_rate or check "
-            "the data")
+        model.fit(train_ds, epochs=last, initial_epoch=begin,
+                  steps_per_epoch=steps - first_step, validation_data=val_ds,
+                  callbacks=fit_callbacks, verbose=verbose, shuffle=False)
+    return monitor
 
 
 def _restore(model, optimizer, run_dir, state):
