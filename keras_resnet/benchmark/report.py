@@ -13,7 +13,7 @@ import json
 import os
 import platform
 
-from keras_resnet.pipeline.precision import bf16_flags, host_cpu_flags
+from keras_resnet.pipeline.precision import bf16_flags, cpu_model, host_cpu_flags
 
 
 def version(dist: str) -> str | None:
@@ -30,12 +30,7 @@ def machine() -> dict:
             "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count()}
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
+    info["cpu"] = cpu_model()
     # The flags that decide whether bfloat16 pays (see keras_resnet.pipeline.precision).
     info["cpu_bf16_flags"] = list(bf16_flags(host_cpu_flags()))
     info["cpu_vector_flags"] = sorted(f for f in host_cpu_flags()

@@ -31,17 +31,26 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = "/proc/cpuinfo"
 
 
-def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
-    """The CPU's feature flags (the ``flags`` line of /proc/cpuinfo); empty elsewhere."""
+def _cpuinfo_field(path: str, keys: tuple[str, ...]) -> str | None:
     try:
         with open(path) as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
+                if key.strip() in keys:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags (the ``flags`` line of /proc/cpuinfo); empty elsewhere."""
+    return frozenset((_cpuinfo_field(path, ("flags", "Features")) or "").split())
+
+
+def cpu_model(path: str = CPUINFO) -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
+    return _cpuinfo_field(path, ("model name",)) or platform.processor() or platform.machine()
 
 
 @functools.cache

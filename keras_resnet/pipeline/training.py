@@ -190,6 +190,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "replicas": replicas, "per_replica_batch_size": batch // replicas,
         "strategy_resolved": distribute.strategy_name(strategy),
         "mixed_precision_resolved": policy != "float32", "dtype_policy": policy,
+        "cpu": precision.cpu_model(), "cpus": os.cpu_count(),
         "cpu_bf16_flags": list(precision.bf16_flags(precision.host_cpu_flags())),
         "fused_batch_norm_resolved": resolved.fused_batch_norm and (
             keras.config.backend() == "tensorflow"),
