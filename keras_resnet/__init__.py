@@ -54,6 +54,7 @@ from keras_resnet.weights import (
     PRETRAINED,
     load_h5_by_name,
     save_by_name,
+    shipped_weights,
     transfer_weights,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "PRETRAINED",
     "save_by_name",
+    "shipped_weights",
     "VARIANTS",
     "ResNetConfig",
     "config_for_depth",

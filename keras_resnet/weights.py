@@ -52,7 +52,7 @@ class Pretrained:
 PRETRAINED: dict[str, dict[str, Pretrained]] = {
     "resnet20": {"cifar10": Pretrained(
         file="resnet20_cifar10.h5",
-        sha256="01ef2fb8169eb528d65af394795a32d4f4b9644773c74c9daf63e49e43f57c88",
+        sha256="8d7d384c10daa51df1fc4c64bac4178b50f5b18186418e8db48838e777f25992",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet20_cifar10.json")},
 }
 
@@ -156,6 +156,42 @@ def save_by_name(model, path, *, dtype: str = "float16") -> str:
 def read_card(entry: Pretrained) -> dict:
     """The model card of shipped weights (how they were trained and what they reach)."""
     return json.loads((PRETRAINED_DIR / entry.card).read_text())
+
+
+def shipped_weights() -> list[dict]:
+    """Every set of weights shipped in this package, one record each, from the model cards.
+
+    Each record names the ``variant`` and the ``weights`` value that loads it, the
+    dataset and classes, the file (name, sha256, bytes, storage dtype), how it was trained
+    (recipe, epochs, training images, the command, seconds and CPU) and ``top1``: the
+    validation top-1 of the float model and of its QAT and PTQ int8 ``.tflite`` files, each
+    plain and with flip test-time augmentation (``"float"``, ``"float_flip"``,
+    ``"qat_int8"``, ...; None where not measured).
+
+    Example:
+        >>> [(w["variant"], w["top1"]["float"]) for w in keras_resnet.shipped_weights()]
+    """
+    records = []
+    for variant, entries in PRETRAINED.items():
+        for name, entry in entries.items():
+            card = read_card(entry)
+            training = card.get("training", {})
+            scores = card.get("accuracy", {})
+            top1 = {}
+            for key in ("float", "qat_int8", "ptq_int8"):
+                top1[key] = scores.get(key, {}).get("top1")
+                top1[f"{key}_flip"] = scores.get(key, {}).get("top1_flip")
+            records.append({
+                "variant": variant, "weights": name, "dataset": name,
+                "classes": entry.classes, "image_size": entry.image_size,
+                "file": entry.file, "sha256": entry.sha256, "bytes": card.get("bytes"),
+                "dtype": card.get("dtype"), "recipe": training.get("recipe"),
+                "epochs": training.get("epochs"), "train_images": training.get(
+                    "train_images"), "command": card.get("command"),
+                "training_time_s": training.get("wall_time_s"), "cpu": training.get("cpu"),
+                "top1": top1, "sizes": {k: v.get("bytes") for k, v in scores.items()},
+            })
+    return records
 
 
 def check_path(weights) -> None:

@@ -8,6 +8,7 @@ carries it into our architecture and the outputs must agree to 1e-5.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -207,22 +208,52 @@ def test_shipped_weights_bad_requests_are_one_line_errors(shipped):
     assert "\n" not in str(info.value)
 
 
-def test_shipped_cifar10_weights(cifar_small):
-    """The ResNet-20 weights shipped in the package: checksum, card, a quick sanity check.
+SHIPPED = kr.shipped_weights()
 
-    Their accuracy is measured on the held-out test split elsewhere; here only that they
-    classify real CIFAR-10 training images far above chance (500 images, chance 10%).
-    """
-    entry = weights_lib.pretrained("resnet20", "cifar10")
-    if entry is None:
-        pytest.skip("no ResNet-20 CIFAR-10 weights are shipped in this build")
+
+@pytest.mark.parametrize("record", SHIPPED, ids=[f"{w['variant']}-{w['weights']}"
+                                                 for w in SHIPPED])
+def test_every_shipped_model_loads_and_matches_its_card(record, cifar_small):
+    """Each shipped file: its sha256 and classes as the card says, the documented shapes
+    with and without top, QAT int8 within 0.5 point of float, and a sanity check on 300
+    real CIFAR-10 training images (chance 10%; the held-out test split is measured
+    elsewhere, never here)."""
     from keras_resnet.pipeline import data
 
+    entry = weights_lib.pretrained(record["variant"], record["weights"])
     card = weights_lib.read_card(entry)
-    assert card["sha256"] == entry.sha256 and card["classes"] == list(kr.CIFAR10_CLASSES)
-    model = kr.ResNet20(weights="cifar10")
-    assert model.output_shape == (None, 10)
-    split = data.eval_data("folder", str(cifar_small), "train", 32, 250)
-    images, labels = data.take(split.dataset, 500)
+    assert card["sha256"] == entry.sha256 == record["sha256"]
+    assert hashlib.sha256(entry.path.read_bytes()).hexdigest() == entry.sha256
+    assert card["classes"] == list(kr.CIFAR10_CLASSES) == list(record["classes"])
+    assert card["bytes"] == entry.path.stat().st_size
+    top1 = record["top1"]
+    for key in ("float", "float_flip", "qat_int8", "qat_int8_flip", "ptq_int8",
+                "ptq_int8_flip"):
+        assert 0.5 < top1[key] < 1.0, (key, top1)
+    assert top1["qat_int8"] >= top1["float"] - 0.005  # QAT int8 within 0.5 point
+    assert record["command"].startswith("python tools/train.py")
+    model = kr.resnet(variant=record["variant"], weights=record["weights"])
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 10)
+    backbone = kr.resnet(variant=record["variant"], weights=record["weights"],
+                         include_top=False, pooling="avg")
+    assert backbone.output_shape == (None, 64)
+    split = data.eval_data("folder", str(cifar_small), "train", 32, 300)
+    images, labels = data.take(split.dataset, 300)
     accuracy = float(np.mean(model.predict(images, verbose=0).argmax(-1) == labels))
     assert accuracy > 0.8, accuracy
+
+
+def test_readme_weights_table_is_generated_from_the_registry():
+    import model_table  # tools/model_table.py
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = "<!-- weights-table:begin -->\n", "\n<!-- weights-table:end -->"
+    assert readme[readme.index(begin) + len(begin):readme.index(end)] == \
+        model_table.weights_table(), "regenerate: python tools/model_table.py --readme=README.md"
+    assert {(w["variant"], w["weights"]) for w in kr.shipped_weights()} == {
+        (v, n) for v, entries in kr.PRETRAINED.items() for n in entries}
+    have = ", ".join(v for v, entries in kr.PRETRAINED.items() if "cifar10" in entries)
+    with pytest.raises(ValueError) as refused:
+        kr.resnet(variant="resnet1202", weights="cifar10")
+    assert str(refused.value) == (f"weights='cifar10' is not available for resnet1202; it "
+                                  f"exists for {have}")

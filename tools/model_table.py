@@ -1,8 +1,9 @@
-"""Prints the README model table, generated from keras_resnet.VARIANTS.
+"""Prints the README tables: the models (from keras_resnet.VARIANTS) and the shipped
+weights (from keras_resnet.shipped_weights(), i.e. the model cards).
 
 Usage:
-    python tools/model_table.py            # markdown table on stdout
-    python tools/model_table.py --readme=README.md   # rewrite the table in place
+    python tools/model_table.py            # both markdown tables on stdout
+    python tools/model_table.py --readme=README.md   # rewrite both tables in place
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from absl import app, flags  # noqa: E402
 
 import keras_resnet as kr  # noqa: E402
 
-FLAGS = flags.DEFINE_string("readme", None, "rewrite the table between the markers in this file")
-BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
+FLAGS = flags.DEFINE_string("readme", None, "rewrite the tables between their markers in "
+                            "this file")
 
 
 def table() -> str:
@@ -34,17 +35,48 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def weights_table() -> str:
+    """One row per shipped weights file: validation top-1 (with flip TTA in brackets) of
+    the float model and its int8 files, recipe, data, size and training time."""
+    rows = ["| Model | `weights=` | Float top-1 (flip) | QAT int8 `.tflite` (flip) | "
+            "PTQ int8 `.tflite` (flip) | Recipe, epochs | Training images | Weights file | "
+            "Trained in |",
+            "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    public = {v: k for k, v in kr.CONSTRUCTORS.items()}
+    for w in kr.shipped_weights():
+        top1 = w["top1"]
+        cells = [f"{_percent(top1[k])} ({_percent(top1[k + '_flip'])})"
+                 for k in ("float", "qat_int8", "ptq_int8")]
+        hours = (f"{w['training_time_s'] / 3600:.1f} h on {w['cpu']}"
+                 if w["training_time_s"] and w["cpu"] else "-")
+        size = f"{w['bytes'] / 2**20:.2f} MiB ({w['dtype']})" if w["bytes"] else "-"
+        rows.append(f"| `{public.get(w['variant'], w['variant'])}` | `{w['weights']}` | "
+                    f"{' | '.join(cells)} | `{w['recipe']}`, {w['epochs']} | "
+                    f"{w['train_images']:,} | {size} | {hours} |")
+    return "\n".join(rows)
+
+
+TABLES = {"model-table": table, "weights-table": weights_table}
+
+
 def main(argv):
     del argv
-    text = table()
     if FLAGS.value is None:
-        print(text)
+        print("\n\n".join(make() for make in TABLES.values()))
         return
     with open(FLAGS.value) as f:
         readme = f.read()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    for marker, make in TABLES.items():
+        begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+        pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+        text = make()
+        readme = pattern.sub(lambda _, t=text, b=begin, e=end: f"{b}\n{t}\n{e}", readme)
     with open(FLAGS.value, "w") as f:
-        f.write(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", readme))
+        f.write(readme)
 
 
 if __name__ == "__main__":

@@ -37,13 +37,17 @@ class KerasPredictor:
 
     format = "keras"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str | None = None, *, model=None):
+        """Loads ``path``, or wraps a ``model`` in memory."""
         import keras
 
-        try:
-            self.model = keras.saving.load_model(path, compile=False, safe_mode=True)
-        except Exception as e:
-            raise UserError(f"could not load the Keras model {path} ({first_line(e)})") from e
+        if model is None:
+            try:
+                model = keras.saving.load_model(path, compile=False, safe_mode=True)
+            except Exception as e:
+                raise UserError(f"could not load the Keras model {path} "
+                                f"({first_line(e)})") from e
+        self.model = model
         shape = self.model.input_shape
         self.image_size = shape[1] if isinstance(shape, tuple) else None
         self.num_outputs = int(self.model.output_shape[-1])

@@ -2,9 +2,13 @@
 
 :func:`ship` writes ``<variant>_<name>.h5`` (name-keyed HDF5, float16 by default) and a
 JSON model card next to it, after checking that the stored weights reach the validation
-top-1 of the run's own float32 model, and returns the card. Registering
-the file in ``keras_resnet.weights.PRETRAINED`` (with the sha256 from the card) makes
-``resnet(variant=..., weights=name)`` load it.
+top-1 of the run's own float32 model, and returns the card. The card holds the recipe,
+the command, the training images, time and CPU, and the validation top-1 (with and without
+flip test-time augmentation) of the float model and of the run's QAT int8 and PTQ int8
+``.tflite`` files (made by tools/qat.py and tools/export_tflite.py before shipping), with
+their sizes. Registering the file in ``keras_resnet.weights.PRETRAINED`` (with the sha256
+from the card) makes ``resnet(variant=..., weights=name)`` load it and
+``keras_resnet.shipped_weights()`` list it.
 
 Example:
     >>> card = ship("runs/r20_fast30", name="cifar10", out_dir="keras_resnet/pretrained")
@@ -23,10 +27,13 @@ import numpy as np
 from keras_resnet.pipeline import data, rundir
 from keras_resnet.pipeline.errors import UserError
 
-DTYPES = ("float16", "float32")
+DTYPES = ("auto", "float16", "float32")
+# Storage may move validation top-1 by at most this much (0.05 point): float16 halves the
+# file, and "auto" keeps float32 where float16 would move top-1 further.
+MAX_STORAGE_CHANGE = 0.0005
 
 
-def ship(run_dir, *, name: str, out_dir, dtype: str = "float16",
+def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
          command: str | None = None) -> dict:
     """Writes the run's weights and model card into ``out_dir``; returns the card.
 
@@ -34,7 +41,8 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "float16",
         run_dir: a finished training run (model.keras, config.json, labels.txt).
         name: the weights name users pass, e.g. "cifar10".
         out_dir: where the files go (``keras_resnet/pretrained`` to ship them).
-        dtype: storage type; float16 halves the file and is refused when it lowers the
+        dtype: storage type: "auto" (float16 unless it moves validation top-1 by more than
+            0.05 point, then float32), or float16/float32; refused when it moves the
             validation top-1 of float32.
         command: the training command, recorded in the card.
 
@@ -64,46 +72,88 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "float16",
     path = out_dir / f"{run.variant}_{name}.h5"
     # Written under a temporary name: a refused file never replaces a shipped one.
     tmp = out_dir / f".{path.name}.tmp"
-    sha256 = weights_lib.save_by_name(net, tmp, dtype=dtype)
-    stored = build()
-    weights_lib.load_h5_by_name(stored, tmp)
-
     settings = run.data_settings()
     val = data.eval_data(settings["dataset"], settings["data_dir"], "val", size, 250,
                          val_fraction=settings["val_fraction"], seed=settings["seed"],
                          num_classes=settings["num_classes"])
     images, labels = data.take(val.dataset, val.size)
     want = np.asarray(net.predict(images, verbose=0)).argmax(-1)
-    got = np.asarray(stored.predict(images, verbose=0)).argmax(-1)
-    changed = int(np.sum(want != got))
-    top1 = float(np.mean(want == labels)), float(np.mean(got == labels))
-    if top1[1] < top1[0]:
+    for candidate in (("float16", "float32") if dtype == "auto" else (dtype,)):
+        sha256 = weights_lib.save_by_name(net, tmp, dtype=candidate)
+        stored = build()
+        weights_lib.load_h5_by_name(stored, tmp)
+        got = np.asarray(stored.predict(images, verbose=0)).argmax(-1)
+        changed = int(np.sum(want != got))
+        top1 = float(np.mean(want == labels)), float(np.mean(got == labels))
+        if abs(top1[1] - top1[0]) <= MAX_STORAGE_CHANGE:
+            break
+    else:
         tmp.unlink()
-        raise UserError(f"{dtype} storage lowers validation top-1 from {top1[0]:.4f} to "
+        raise UserError(f"{dtype} storage changes validation top-1 from {top1[0]:.4f} to "
                         f"{top1[1]:.4f}; use dtype=float32")
+    dtype = candidate
     os.replace(tmp, path)
     export = _read_optional(run.path / rundir.EXPORT_REPORT)
+    config = run.config
+    metrics = _read_optional(run.path / rundir.METRICS) or {}
     card = {
         "variant": run.variant, "weights": name, "file": path.name, "sha256": sha256,
         "bytes": path.stat().st_size, "dtype": dtype, "classes": list(run.labels),
         "image_size": size,
         "input": "raw RGB pixels 0..255, normalisation inside the model",
         "output": "softmax over the classes (classifier_activation=None gives logits)",
-        "training": {k: run.config.get(k) for k in (
+        "training": {**{k: config.get(k) for k in (
             "recipe", "recipe_reference", "epochs", "batch_size", "learning_rate",
             "weight_decay", "label_smoothing", "nesterov", "lr_schedule", "warmup_epochs",
-            "dataset", "val_fraction", "seed", "train_images", "val_images")},
+            "dataset", "val_fraction", "seed", "train_images", "val_images", "dtype_policy",
+            "fused_batch_norm_resolved", "cpu", "cpus", "cpu_bf16_flags")},
+            "wall_time_s": metrics.get("wall_time_s")},
         "command": command,
         "validation": {"images": len(images), "top1_float32": top1[0],
                        "top1_stored": top1[1], "predictions_changed_by_storage": changed},
+        "accuracy": {"float": _stored_accuracy(stored, val, path), **accuracy(run)},
         "tflite": [{k: row[k] for k in ("name", "size", "top1")}
                    for row in (export or {}).get("rows", [])],
-        "metrics": _read_optional(run.path / rundir.METRICS),
+        "metrics": metrics or None,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "versions": run.config.get("versions"), "keras": keras.__version__,
     }
     rundir.write_json(out_dir / f"{run.variant}_{name}.json", card)
     return card
+
+
+# The int8 files the normal tools write, which the card measures beside the shipped weights.
+INT8_FILES = {"qat_int8": rundir.INT8_MODEL, "ptq_int8": "model_ptq_int8.tflite"}
+
+
+def _stored_accuracy(stored, val, path) -> dict:
+    """Validation top-1 (plain and with flip TTA) of the shipped weights themselves."""
+    from keras_resnet.pipeline.evaluation import KerasPredictor, score
+
+    predictor = KerasPredictor(model=stored)
+    return {"file": path.name, "bytes": path.stat().st_size,
+            **{key: score(predictor, val, tta=tta)["top1"]
+               for key, tta in (("top1", "none"), ("top1_flip", "flip"))}}
+
+
+def accuracy(run: rundir.Run) -> dict:
+    """Validation top-1 (plain and with flip TTA) and size of each of the run's int8 files.
+
+    Files the run lacks are left out (run tools/qat.py and tools/export_tflite.py
+    --modes=ptq_int8 first to have them measured).
+    """
+    from keras_resnet.pipeline.evaluation import evaluate
+
+    out = {}
+    for key, name in INT8_FILES.items():
+        path = run.path / name
+        if not path.is_file():
+            continue
+        scores = {tta: evaluate(path, split="val", tta=tta)["top1"]
+                  for tta in ("none", "flip")}
+        out[key] = {"file": name, "bytes": path.stat().st_size, "top1": scores["none"],
+                    "top1_flip": scores["flip"]}
+    return out
 
 
 def _read_optional(path):
