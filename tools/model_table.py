@@ -54,9 +54,10 @@ def weights_table() -> str:
         hours = (f"{w['training_time_s'] / 3600:.1f} h on {w['cpu']}"
                  if w["training_time_s"] and w["cpu"] else "-")
         size = f"{w['bytes'] / 2**20:.2f} MiB ({w['dtype']})" if w["bytes"] else "-"
+        images = f"{w['train_images']:,}" if w["train_images"] else "-"
         rows.append(f"| `{public.get(w['variant'], w['variant'])}` | `{w['weights']}` | "
                     f"{' | '.join(cells)} | `{w['recipe']}`, {w['epochs']} | "
-                    f"{w['train_images']:,} | {size} | {hours} |")
+                    f"{images} | {size} | {hours} |")
     return "\n".join(rows)
 
 
