@@ -66,3 +66,11 @@ def test_train_refuses_initial_weights_that_are_not_their_kind(tmp_path, capsys,
                      f"--initial_weights={fake}", f"--model_dir={tmp_path / 'run'}")
     kind = "a Keras archive" if name.endswith(".keras") else "an HDF5 file"
     assert f"error: {fake} is not {kind} (it holds text)" in err
+
+
+def test_inspect_tflite_names_a_file_that_is_not_a_flatbuffer(tmp_path, capsys):
+    fake = tmp_path / "model.tflite"
+    fake.write_text("hello")
+    err = tool_error(capsys, "inspect_tflite", str(fake))
+    assert err == (f"error: {fake} is not a TFLite flatbuffer (it holds text); pass a .tflite "
+                   "file written by tools/export_tflite.py or a TFLite converter")

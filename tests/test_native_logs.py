@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
-from conftest import TEST_ENV, tool_subprocess
+from conftest import REPO, TEST_ENV, tool_subprocess
 
 from keras_resnet.pipeline import native_logs
 
@@ -35,3 +37,25 @@ def test_tools_start_quietly_when_the_user_sets_tf_cpp_min_log_level():
     result = tool_subprocess("train", "--help", env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not [line for line in TF_STARTUP_LINES if line in result.stderr], result.stderr
+
+
+LOG_SCRIPT = """
+import logging, sys
+sys.path.insert(0, "tools")
+import _cli
+_cli.setup()
+import tensorflow_datasets  # noqa: F401 - libraries that would set a format of their own
+from keras_resnet import pipeline  # noqa: F401
+logging.getLogger("keras_resnet").setLevel(logging.INFO)  # as tools/train.py sets it
+logging.getLogger("keras_resnet.pipeline.sources").warning("class folder(s) bird (2) ...")
+logging.getLogger("keras_resnet.pipeline.network").info("initialised 3 layers")
+logging.getLogger("absl").info("not shown")
+"""
+
+
+def test_tool_log_records_are_plain_lines():
+    result = subprocess.run([sys.executable, "-c", LOG_SCRIPT], cwd=REPO, env=TEST_ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.splitlines() == ["warning: class folder(s) bird (2) ...",
+                                          "initialised 3 layers"], result.stderr

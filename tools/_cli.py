@@ -35,10 +35,33 @@ def setup() -> None:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    _log_lines()
     # tf_keras' Python warnings about compiled metrics of loaded models, and the like
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if os.environ["KERAS_BACKEND"] == "tensorflow":
         _import_tensorflow_quietly()
+
+
+class _LineFormatter(logging.Formatter):
+    """Information as it is; warnings and errors start like the tools' own errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else (
+            f"{record.levelname.lower()}: {text}")
+
+
+def _log_lines() -> None:
+    """Python log records go to stderr as plain lines ("warning: class folder(s) ...").
+
+    Installed before TensorFlow and its libraries load, so that none of them sets its own
+    format first; a process that already has handlers (a test runner) keeps them.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LineFormatter())
+        root.addHandler(handler)
 
 
 def _native_logs() -> types.ModuleType | None:

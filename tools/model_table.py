@@ -8,10 +8,11 @@ Usage:
 
 from __future__ import annotations
 
-import os
 import re
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import _cli
+
+_cli.setup()
 
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402

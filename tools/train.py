@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     status, _ = _cli.parse(FLAGS, argv, doc=__doc__)
     if status is not None:
         return status
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("keras_resnet").setLevel(logging.INFO)  # "initialised 52 layers ..."
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     from keras_resnet import pipeline
     from keras_resnet.pipeline.errors import Interrupted
