@@ -54,6 +54,10 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         file="resnet20_cifar10.h5",
         sha256="8d7d384c10daa51df1fc4c64bac4178b50f5b18186418e8db48838e777f25992",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet20_cifar10.json")},
+    "resnet32": {"cifar10": Pretrained(
+        file="resnet32_cifar10.h5",
+        sha256="1d5fa4e2a29f616692ae398e3d6c783272db5a9f046c0b4074d9bd8ccd38dc07",
+        classes=CIFAR10_CLASSES, image_size=32, card="resnet32_cifar10.json")},
 }
 
 BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
