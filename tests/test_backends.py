@@ -49,8 +49,11 @@ def test_models_build_train_and_agree_under_jax(tmp_path):
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     model.save(tmp_path / "model.keras")
     np.save(tmp_path / "x.npy", x)
-    names = ["resnet18", "resnet50", "resnet50v2", "resnet50d", "se_resnet50",
-             "resnext50_32x4d", "resnet20", "preact_resnet164", "wrn_16_8"]
+    # One variant per block kind trains: CIFAR basic, bottleneck (deep stem, average-pool
+    # shortcuts), pre-activation bottleneck, squeeze-excitation, grouped convolutions,
+    # wide pre-activation basic; the saved ResNet50 checks the plain net's outputs.
+    names = ["resnet20", "resnet50d", "resnet50v2", "se_resnet50", "resnext50_32x4d",
+             "wrn_16_8"]
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *names], env=env,
                           capture_output=True, text=True, timeout=900)
