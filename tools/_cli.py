@@ -35,33 +35,13 @@ def setup() -> None:
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _log_lines()
+    native_logs = _native_logs()
+    if native_logs is not None:
+        native_logs.plain_log_lines()
     # tf_keras' Python warnings about compiled metrics of loaded models, and the like
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if os.environ["KERAS_BACKEND"] == "tensorflow":
-        _import_tensorflow_quietly()
-
-
-class _LineFormatter(logging.Formatter):
-    """Information as it is; warnings and errors start like the tools' own errors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        return text if record.levelno < logging.WARNING else (
-            f"{record.levelname.lower()}: {text}")
-
-
-def _log_lines() -> None:
-    """Python log records go to stderr as plain lines ("warning: class folder(s) ...").
-
-    Installed before TensorFlow and its libraries load, so that none of them sets its own
-    format first; a process that already has handlers (a test runner) keeps them.
-    """
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_LineFormatter())
-        root.addHandler(handler)
+        _import_tensorflow_quietly(native_logs)
 
 
 def _native_logs() -> types.ModuleType | None:
@@ -80,15 +60,14 @@ def _native_logs() -> types.ModuleType | None:
     return module
 
 
-def _import_tensorflow_quietly() -> None:
+def _import_tensorflow_quietly(native_logs: types.ModuleType | None) -> None:
     """Imports TensorFlow with its start-up lines filtered out of stderr.
 
     Those lines are written from C++ before its logging reads TF_CPP_MIN_LOG_LEVEL, so the
     process's stderr is captured while TensorFlow loads; any other line is passed on.
     """
-    native_logs = None if "tensorflow" in sys.modules else _native_logs()
-    if native_logs is None:  # already loaded, or keras_resnet missing (its import says so)
-        return
+    if native_logs is None or "tensorflow" in sys.modules:
+        return  # keras_resnet missing (its import says so), or TensorFlow already loaded
     with native_logs.filtered_stderr(_STARTUP_NOISE):
         import tensorflow  # noqa: F401
 

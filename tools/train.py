@@ -44,7 +44,6 @@ def main(argv: list[str]) -> int:
     if status is not None:
         return status
     logging.getLogger("keras_resnet").setLevel(logging.INFO)  # "initialised 52 layers ..."
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     from keras_resnet import pipeline
     from keras_resnet.pipeline.errors import Interrupted
 

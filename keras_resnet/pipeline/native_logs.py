@@ -7,6 +7,9 @@ write to file descriptor 2, past Python's ``sys.stderr`` and ``logging``, so the
 to keep them out of a tool's output is to point descriptor 2 elsewhere while the library
 call runs and pass on the lines that are not noise.
 
+:func:`plain_log_lines` does the same for Python's own log records: one plain line each
+("warning: ..."), whatever format a library would set.
+
 This module imports nothing from keras_resnet: tools/_cli.py loads it from its file before
 the package (whose import loads TensorFlow) so both use this one helper.
 
@@ -18,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -59,3 +63,26 @@ def filtered_stderr(noise: re.Pattern) -> Iterator[None]:
                     if line.strip() and not noise.search(line)]
             for line in kept:
                 print(line, file=sys.stderr)
+
+
+class _LineFormatter(logging.Formatter):
+    """Information as it is; warnings and errors start like the tools' own errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else (
+            f"{record.levelname.lower()}: {text}")
+
+
+def plain_log_lines() -> None:
+    """Python log records go to stderr as plain lines ("warning: class folder(s) ...").
+
+    tools/_cli.py installs it before TensorFlow and its libraries load, so that none of them
+    sets its own format first; a process that already has handlers (a test runner) keeps
+    them.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LineFormatter())
+        root.addHandler(handler)

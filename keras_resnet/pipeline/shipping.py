@@ -116,7 +116,7 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
                    for row in (export or {}).get("rows", [])],
         "metrics": metrics or None,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "versions": run.config.get("versions"), "keras": keras.__version__,
+        "versions": config.get("versions"), "keras": keras.__version__,
     }
     rundir.write_json(out_dir / f"{run.variant}_{name}.json", card)
     return card
