@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from keras_resnet.pipeline import rundir
+from keras_resnet.pipeline import rundir, safe_writes
 from keras_resnet.pipeline.errors import RunDirError, WriteError
 
 
@@ -127,19 +127,19 @@ def test_write_failures_hidden_in_library_errors_are_recognised(tmp_path):
     # h5py and TensorFlow's file system put the errno's words in a message of their own
     h5 = RuntimeError("Can't decrement id ref count (file write failed: time = Mon, "
                       "errno = 28, error message = 'No space left on device')")
-    assert rundir.write_errno(h5) == errno.ENOSPC
+    assert safe_writes.write_errno(h5) == errno.ENOSPC
     tf_like = Exception(f"{tmp_path}/logs/events.out.tfevents.1; No space left on device")
-    failure = rundir.as_write_error(tf_like, tmp_path)
+    failure = safe_writes.as_write_error(tf_like, tmp_path)
     assert str(failure).startswith(f"could not write {tmp_path}/logs/events.out.tfevents.1: "
                                    "no space left on device")
-    assert rundir.as_write_error(ValueError("shapes differ"), tmp_path) is None
+    assert safe_writes.as_write_error(ValueError("shapes differ"), tmp_path) is None
 
 
 def test_a_write_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path, monkeypatch):
-    monkeypatch.setattr(rundir, "free_bytes", lambda path: 3 * 2**20)
+    monkeypatch.setattr(safe_writes, "free_bytes", lambda path: 3 * 2**20)
     called = []
     with pytest.raises(WriteError) as e:
-        rundir.save_atomic(tmp_path / "m.keras", called.append, needed=5 * 2**20)
+        safe_writes.save_atomic(tmp_path / "m.keras", called.append, needed=5 * 2**20)
     assert not called and not list(tmp_path.iterdir())
     assert "no space left on device (3.0 MB free, about 6.0 MB needed); free some space" \
         in str(e.value)

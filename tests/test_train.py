@@ -31,7 +31,7 @@ from conftest import saved_layers, tool, tool_error, tool_subprocess
 import keras_resnet
 from keras_resnet import pipeline
 from keras_resnet.pipeline import config as config_lib
-from keras_resnet.pipeline import network, optimization, precision, rundir
+from keras_resnet.pipeline import network, optimization, precision, rundir, safe_writes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=8", "--dataset=digits", "--batch_size=32", "--verbose=false"]
@@ -607,7 +607,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_rerun_completes(tmp_path,
 
     def disk_full(model_dir, save_weights, state, **kw):
         if state["epoch"] == 2:
-            raise rundir.write_failure(os.path.join(model_dir, "checkpoints",
+            raise safe_writes.write_failure(os.path.join(model_dir, "checkpoints",
                                                     "epoch_0002.weights.h5"), errno.ENOSPC)
         return real(model_dir, save_weights, state, **kw)
 

@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from keras_resnet.pipeline import files, rundir
+from keras_resnet.pipeline import files, safe_writes
 from keras_resnet.pipeline.errors import QuantizeError, first_line
 from keras_resnet.pipeline.quantize_configs import quantize_scope
 
@@ -208,7 +208,7 @@ def save_qat(qat_model, path) -> None:
     """Saves a QAT model as ``.h5`` (a QAT ``.keras`` file does not load back)."""
     with quantize_scope(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "You are saving your model as an HDF5 file")
-        rundir.save_atomic(path, lambda tmp: qat_model.save(tmp, include_optimizer=False))
+        safe_writes.save_atomic(path, lambda tmp: qat_model.save(tmp, include_optimizer=False))
 
 
 def load_qat(path):

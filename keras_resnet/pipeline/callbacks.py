@@ -9,7 +9,7 @@ import time
 
 import keras
 
-from keras_resnet.pipeline import rundir
+from keras_resnet.pipeline import rundir, safe_writes
 from keras_resnet.pipeline.errors import Interrupted
 
 
@@ -165,6 +165,6 @@ def plot_curves(history: list[dict[str, float]], path: str, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     try:
-        rundir.save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+        safe_writes.save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     finally:
         plt.close(fig)

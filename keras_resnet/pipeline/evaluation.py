@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_resnet.pipeline import data, files, rundir
+from keras_resnet.pipeline import data, files, rundir, safe_writes
 from keras_resnet.pipeline.errors import UserError, choose, first_line
 
 FORMATS = (".keras", ".tflite")
@@ -228,7 +228,7 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
     if output_json:
         folder = os.path.dirname(os.path.abspath(os.fspath(output_json)))
         os.makedirs(folder, exist_ok=True)
-        rundir.write_json(output_json, results)
+        safe_writes.write_json(output_json, results)
     return results
 
 
@@ -261,6 +261,6 @@ def plot_confusion(confusion, class_names, path, *, title: str = "") -> None:
     ax.set_title(title)
     fig.tight_layout()
     try:
-        rundir.save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+        safe_writes.save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     finally:
         plt.close(fig)

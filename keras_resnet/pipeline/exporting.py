@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_resnet.pipeline import data, metadata, rundir, tflite
+from keras_resnet.pipeline import data, metadata, rundir, safe_writes, tflite
 from keras_resnet.pipeline.errors import DataError, ExportError, choose
 from keras_resnet.pipeline.litert import LiteRTModel
 
@@ -297,7 +297,7 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
             tflite.audit(content, int8=int8, name=path.name)
             content = metadata.attach(content, labels=run.labels, variant=run.variant,
                                       description=metadata.describe_run(run, mode))
-            rundir.write_bytes_atomic(path, content)
+            safe_writes.write_bytes_atomic(path, content)
             origin = f"converted in {time.perf_counter() - start:.0f} s"
         row = verify(content, name=f"{mode} ({path.name})", images=images, labels=labels,
                      reference=keras_scores, reference_top1=keras_top1, int8=int8,
@@ -305,8 +305,9 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
         rows.append(row)
         _log(f"{path.name}: {origin}; audit passed ({tflite.inspect(content).summary()})")
         sidecar = path.with_suffix(".json")
-        rundir.write_json(sidecar, handoff(content, model_file=path.name, variant=run.variant,
-                                           top1=row.top1, images=len(images)))
+        safe_writes.write_json(sidecar, handoff(content, model_file=path.name,
+                                                variant=run.variant, top1=row.top1,
+                                                images=len(images)))
         sidecars[mode] = sidecar.name
 
     keras_size = (run.path / rundir.MODEL).stat().st_size
@@ -318,7 +319,7 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
     report = {"keras_top1": keras_top1, "eval_images": len(images), "io": io,
               "rows": [dataclasses.asdict(r) for r in rows], "handoff": sidecars,
               "max_accuracy_drop": max_accuracy_drop, "failed": failed}
-    rundir.write_json(run.path / rundir.EXPORT_REPORT, report)
+    safe_writes.write_json(run.path / rundir.EXPORT_REPORT, report)
     return {**report, "table": table}
 
 

@@ -20,7 +20,7 @@ import keras
 
 import keras_resnet
 from keras_resnet import weights as weights_lib
-from keras_resnet.pipeline import fused_batch_norm, rundir
+from keras_resnet.pipeline import fused_batch_norm, safe_writes
 from keras_resnet.pipeline.config import ResolvedConfig
 from keras_resnet.pipeline.errors import UserError, first_line
 
@@ -94,7 +94,7 @@ def save_model(model: keras.Model, twin: keras.Model, path: str) -> None:
         pairs = list(zip(target.variables, source.variables, strict=True))
         for a, b in pairs:
             a.assign(keras.ops.convert_to_numpy(b.value))
-    rundir.save_atomic(path, twin.save)
+    safe_writes.save_atomic(path, twin.save)
 
 
 def _plain_optimizer(model):

@@ -25,7 +25,15 @@ import time
 
 import numpy as np
 
-from keras_resnet.pipeline import calibration, data, exporting, metadata, rundir, tflite
+from keras_resnet.pipeline import (
+    calibration,
+    data,
+    exporting,
+    metadata,
+    rundir,
+    safe_writes,
+    tflite,
+)
 from keras_resnet.pipeline.errors import QuantizeError, choose, first_line
 from keras_resnet.pipeline.litert import LiteRTModel
 from keras_resnet.pipeline.quantize_configs import check_variant, quantize_model
@@ -189,13 +197,13 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     report = tflite.audit(content, int8=True, name=rundir.INT8_MODEL)
     content = metadata.attach(content, labels=run.labels, variant=run.variant,
                               description=metadata.describe_run(run, "qat_int8"))
-    rundir.write_bytes_atomic(run.path / rundir.INT8_MODEL, content)
+    safe_writes.write_bytes_atomic(run.path / rundir.INT8_MODEL, content)
     int8_logits = LiteRTModel(content, num_threads=2).predict(val_images)
     int8_top1 = exporting.top1(int8_logits, val_labels)
     agreement = float(np.mean(int8_logits.argmax(-1) == qat_logits.argmax(-1)) * 100)
     handoff = exporting.handoff(content, model_file=rundir.INT8_MODEL, variant=run.variant,
                                 top1=int8_top1, images=len(val_images))
-    rundir.write_json(run.path / "model_int8.json", handoff)
+    safe_writes.write_json(run.path / "model_int8.json", handoff)
     figures = {
         "variant": run.variant, "twin_max_abs_probability_diff": diff,
         "calibration_batches": used, "epochs": epochs, "learning_rate": learning_rate,
@@ -206,7 +214,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
         "int8_ops": dict(report.ops), "int8_bytes": len(content),
         "wall_time_s": time.perf_counter() - start,
     }
-    rundir.write_json(run.path / rundir.QAT_REPORT, figures)
+    safe_writes.write_json(run.path / rundir.QAT_REPORT, figures)
     _log(f"top-1 on {len(val_images)} validation images: float {float_top1:.2f}%, QAT "
          f"{after:.2f}%, int8 TFLite {int8_top1:.2f}% (int8 agrees with QAT on "
          f"{agreement:.1f}%)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_resnet.pipeline import data, rundir
+from keras_resnet.pipeline import data, rundir, safe_writes
 from keras_resnet.pipeline.errors import UserError
 
 DTYPES = ("auto", "float16", "float32")
@@ -118,7 +118,7 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "versions": config.get("versions"), "keras": keras.__version__,
     }
-    rundir.write_json(out_dir / f"{run.variant}_{name}.json", card)
+    safe_writes.write_json(out_dir / f"{run.variant}_{name}.json", card)
     return card
 
 

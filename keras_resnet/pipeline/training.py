@@ -44,6 +44,7 @@ from keras_resnet.pipeline import (
     precision,
     preemption,
     rundir,
+    safe_writes,
 )
 from keras_resnet.pipeline.config import (
     ResolvedConfig,
@@ -122,7 +123,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 return _train(resolved, strategy, run_dir, chief=True, start=start,
                               stop=stop)
         except Exception as e:  # noqa: BLE001 - only failed writes are reworded
-            failure = rundir.as_write_error(e, run_dir)
+            failure = safe_writes.as_write_error(e, run_dir)
             if failure is None:
                 raise
             raise WriteError(f"{failure}, then run the same command to resume "
@@ -221,9 +222,9 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     twin = network.build_twin(resolved, num_classes) if chief else None
     if chief:
         # Written once the model is known to build, so bad options leave no run behind.
-        rundir.write_atomic(os.path.join(run_dir, rundir.CONFIG),
+        safe_writes.write_atomic(os.path.join(run_dir, rundir.CONFIG),
                             json.dumps(record, indent=1, sort_keys=True, default=str))
-        rundir.write_atomic(os.path.join(run_dir, rundir.LABELS),
+        safe_writes.write_atomic(os.path.join(run_dir, rundir.LABELS),
                             "\n".join(bundle.class_names) + "\n")
 
     state = state or {"epoch": 0, "step": 0, "history": [], "best_val_accuracy": -1.0}
@@ -360,7 +361,7 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
     if not chief:
         return metrics
     network.save_model(model, twin, os.path.join(run_dir, rundir.MODEL))
-    rundir.write_atomic(os.path.join(run_dir, rundir.METRICS), json.dumps(metrics, indent=1))
+    safe_writes.write_atomic(os.path.join(run_dir, rundir.METRICS), json.dumps(metrics, indent=1))
     rundir.write_history(run_dir, history)
     if history:
         callbacks.plot_curves(history, os.path.join(run_dir, rundir.CURVES),
