@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from keras_resnet.pipeline import precision
@@ -47,3 +49,19 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     assert precision.bf16_flags(flags) == ("avx512_bf16",)
     assert precision.cpu_flags(str(tmp_path / "missing")) == frozenset()
     assert isinstance(precision.host_cpu_flags(), frozenset)
+
+
+def test_a_resumed_run_keeps_the_policy_it_started_with(caplog):
+    with caplog.at_level(logging.WARNING, logger="keras_resnet"):
+        assert precision.resumed_policy("float32", "float32") == "float32"
+        assert precision.resumed_policy(None, "mixed_bfloat16") == "mixed_bfloat16"
+        assert not caplog.records
+        assert precision.resumed_policy("float32", "mixed_bfloat16",
+                                        flags=XEON_AMX) == "float32"
+        assert precision.resumed_policy("mixed_bfloat16", "mixed_float16",
+                                        flags=XEON_AMX) == "mixed_bfloat16"
+    assert [r.getMessage() for r in caplog.records] == [
+        "resuming in float32, the dtype policy this run started with, although this machine "
+        "would choose mixed_bfloat16; start a new run to train in mixed_bfloat16",
+        "resuming in mixed_bfloat16, the dtype policy this run started with, although this "
+        "machine would choose mixed_float16; start a new run to train in mixed_float16"]

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -361,9 +362,10 @@ def test_mixed_precision_true_without_native_bfloat16_is_refused(tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
-def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch):
+def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog):
     """auto picks bfloat16 where the CPU has it; every saved .keras file is float32 and
-    holds stock layers; the checkpoint loads into a stock float32 model."""
+    holds stock layers; the checkpoint loads into a stock float32 model; the run resumed
+    on a CPU without bfloat16 keeps its policy, with a warning."""
     monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
     run = tmp_path / "run"
     metrics = pipeline.train(pipeline.TrainConfig(
@@ -387,6 +389,20 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch):
     saved = keras.saving.load_model(run / "model.keras", compile=False)
     for a, b in zip(stock.get_weights(), saved.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+    if gpu:
+        return
+    # Resumed on a CPU without native bfloat16, the run keeps the policy it started with.
+    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx2"}))
+    with caplog.at_level(logging.WARNING, logger="keras_resnet"):
+        pipeline.train(pipeline.TrainConfig(
+            depth=8, dataset="digits", epochs=3, batch_size=32, steps_per_epoch=4,
+            model_dir=str(run), verbose="false"))
+    assert read_json(run / "config.json")["dtype_policy"] == "mixed_bfloat16"
+    assert history(run) == [1, 2, 3]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "resuming in mixed_bfloat16, the dtype policy this run started with, although this "
+        "machine would choose float32, where bfloat16 is emulated and slower; start a new "
+        "run to train in float32"]
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -608,7 +624,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_rerun_completes(tmp_path,
     def disk_full(model_dir, save_weights, state, **kw):
         if state["epoch"] == 2:
             raise safe_writes.write_failure(os.path.join(model_dir, "checkpoints",
-                                                    "epoch_0002.weights.h5"), errno.ENOSPC)
+                                                         "epoch_0002.weights.h5"), errno.ENOSPC)
         return real(model_dir, save_weights, state, **kw)
 
     monkeypatch.setattr(rundir, "save_checkpoint", disk_full)

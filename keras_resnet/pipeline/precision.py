@@ -9,6 +9,10 @@
   other CPUs bfloat16 is emulated and slower, so auto stays ``float32`` and true is refused;
 * false is ``float32`` everywhere.
 
+A resumed run keeps the policy it started with (:func:`resumed_policy`), even where this
+machine would decide otherwise, so that moving a run to another machine never changes its
+arithmetic half-way.
+
 Only the computation changes: variables stay float32 under either mixed policy, and every
 saved ``.keras`` file holds a float32 model (see :func:`keras_resnet.pipeline.training.
 save_model`), so QAT and export see what they always saw.
@@ -21,10 +25,13 @@ Example:
 from __future__ import annotations
 
 import functools
+import logging
 import platform
 
 from keras_resnet.pipeline.config import AUTO_BOOL
 from keras_resnet.pipeline.errors import UserError, choose
+
+log = logging.getLogger(__name__)
 
 # CPU flags with native bfloat16 arithmetic that oneDNN uses (AMX tiles, AVX512-BF16).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -88,3 +95,25 @@ def choose_policy(option: str, *, gpu: bool, flags=None) -> str:
                         f"({' or '.join(BF16_CPU_FLAGS)}), which this CPU lacks; use "
                         "mixed_precision=auto")
     return "float32"
+
+
+def resumed_policy(recorded: str | None, chosen: str, *, flags=None) -> str:
+    """The policy a resumed run computes in: ``recorded``, the one it started with.
+
+    Args:
+        recorded: the run's ``dtype_policy`` from config.json (None: not recorded, as in
+            runs from before it was).
+        chosen: what :func:`choose_policy` decides on this machine.
+        flags: the CPU's flags (default: this machine's).
+
+    Logs one warning when the two differ, saying what this machine would have chosen.
+    """
+    if not recorded or recorded == chosen:
+        return chosen
+    flags = host_cpu_flags() if flags is None else flags
+    slower = (", where bfloat16 is emulated and slower" if recorded == "mixed_bfloat16"
+              and not bf16_flags(flags) else "")
+    log.warning("resuming in %s, the dtype policy this run started with, although this "
+                "machine would choose %s%s; start a new run to train in %s", recorded,
+                chosen, slower, chosen)
+    return recorded

@@ -183,6 +183,9 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
 
     gpu = bool(tf.config.list_physical_devices("GPU"))
     policy = precision.choose_policy(resolved.mixed_precision, gpu=gpu)
+    if state is not None:
+        policy = precision.resumed_policy(
+            (rundir.read_config(run_dir) or {}).get("dtype_policy"), policy)
     jit = truthy(resolved.jit_compile, gpu and replicas == 1)
 
     steps = resolved.steps_per_epoch or bundle.steps_per_epoch(batch)
@@ -223,9 +226,9 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     if chief:
         # Written once the model is known to build, so bad options leave no run behind.
         safe_writes.write_atomic(os.path.join(run_dir, rundir.CONFIG),
-                            json.dumps(record, indent=1, sort_keys=True, default=str))
+                                 json.dumps(record, indent=1, sort_keys=True, default=str))
         safe_writes.write_atomic(os.path.join(run_dir, rundir.LABELS),
-                            "\n".join(bundle.class_names) + "\n")
+                                 "\n".join(bundle.class_names) + "\n")
 
     state = state or {"epoch": 0, "step": 0, "history": [], "best_val_accuracy": -1.0}
     state["wall_time_before_s"] = state.get("wall_time_s", 0.0)
