@@ -138,6 +138,7 @@ def test_fast_recipe_resolves_as_documented():
     (dict(depth=20, initial_weights="/no/such.keras"), "does not exist"),
     (dict(depth=50, image_size=16), "image_size=16 is too small for resnet50"),
     (dict(depth=20, recipe="paper"), "recipe='paper' is not valid; choose one of he2015, fast"),
+    (dict(depth=20, ema_decay=1.0), r"ema_decay must be in \[0, 1\) \(0: no average\)"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(pipeline.UserError, match=message):
@@ -403,6 +404,74 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog
         "resuming in mixed_bfloat16, the dtype policy this run started with, although this "
         "machine would choose float32, where bfloat16 is emulated and slower; start a new "
         "run to train in float32"]
+
+
+# --------------------------------------------------------------------------- weight average
+
+
+def rows(run_dir):
+    with open(Path(run_dir) / "history.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_the_weight_average_is_scored_every_epoch_and_saved_where_it_scores_higher(
+        tmp_path):
+    options = dict(depth=8, dataset="digits", batch_size=32, steps_per_epoch=10,
+                   ema_decay=0.9, mixed_precision="false", lr_schedule="constant",
+                   warmup_epochs=0, verbose="false")
+    run = tmp_path / "run"
+    metrics = pipeline.train(pipeline.TrainConfig(epochs=3, model_dir=str(run), **options))
+    history_rows = rows(run)
+    assert all(0 <= row["ema_val_accuracy"] <= 1 for row in history_rows)
+    last = history_rows[-1]
+    average = last["ema_val_accuracy"] > last["val_accuracy"]
+    assert metrics["weights"] == ("average" if average else "trained")
+    assert metrics["trained_val_accuracy"] == pytest.approx(last["val_accuracy"])
+    assert metrics["ema_val_accuracy"] == pytest.approx(last["ema_val_accuracy"])
+    assert metrics["val_accuracy"] == pytest.approx(max(last["val_accuracy"],
+                                                        last["ema_val_accuracy"]))
+    # The saved files are the weights that were scored: evaluated again, the same top-1.
+    assert pipeline.evaluate(run / "model.keras", split="val")["top1"] == pytest.approx(
+        metrics["val_accuracy"], abs=1e-6)
+    assert pipeline.evaluate(run / "best.keras", split="val")["top1"] == pytest.approx(
+        metrics["best_val_accuracy"], abs=1e-6)
+    # The average lives in the checkpoints: a run resumed after epoch 2 ends as this one
+    # (a constant rate, so that stopping at 2 epochs does not change the schedule).
+    resumed = tmp_path / "resumed"
+    pipeline.train(pipeline.TrainConfig(epochs=2, model_dir=str(resumed), **options))
+    again = pipeline.train(pipeline.TrainConfig(epochs=3, model_dir=str(resumed), **options))
+    assert again["weights"] == metrics["weights"]
+    for key in ("val_accuracy", "ema_val_accuracy"):
+        assert [r[key] for r in rows(resumed)] == pytest.approx(
+            [r[key] for r in history_rows], abs=1e-6)
+    a, b = (keras.saving.load_model(r / "model.keras", compile=False) for r in (run, resumed))
+    for x, y in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_fit_leaves_the_trained_weights_and_the_average_swaps_in_and_out():
+    resolved = pipeline.resolve(pipeline.TrainConfig(depth=8, ema_decay=0.5))
+    model = network.build_model(resolved, 10)
+    optimizer = optimization.prepare_for_training(model, resolved, 10, steps_per_epoch=4)
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(8) % 10, 10)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert optimizer.use_ema and optimization.has_average(model)
+    trained = [v.numpy() for v in model.trainable_variables]
+    with optimization.swapped_average(model):
+        average = [v.numpy() for v in model.trainable_variables]
+    assert any(not np.allclose(t, a) for t, a in zip(trained, average, strict=True))
+    for variable, value in zip(model.trainable_variables, trained, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    optimization.start_average(model)
+    with optimization.swapped_average(model):
+        restarted = [v.numpy() for v in model.trainable_variables]
+    for t, r in zip(trained, restarted, strict=True):
+        np.testing.assert_array_equal(t, r)
+    plain = network.build_model(pipeline.resolve(pipeline.TrainConfig(depth=8)), 10)
+    optimization.prepare_for_training(plain, pipeline.resolve(pipeline.TrainConfig(depth=8)),
+                                      10, steps_per_epoch=4)
+    assert not optimization.has_average(plain)
 
 
 # --------------------------------------------------------------------------- fine-tuning

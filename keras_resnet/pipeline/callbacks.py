@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -9,7 +10,7 @@ import time
 
 import keras
 
-from keras_resnet.pipeline import rundir, safe_writes
+from keras_resnet.pipeline import optimization, rundir, safe_writes
 from keras_resnet.pipeline.errors import Interrupted
 
 
@@ -91,13 +92,17 @@ class RunMonitor(keras.callbacks.Callback):
                "images_per_sec": steps * self.batch_size / max(train_time, 1e-9),
                "epoch_time_s": time.perf_counter() - self.t0}
         self.state["history"].append(row)
-        val = logs.get("val_accuracy")
+        average = better_average(logs)
+        val = logs.get("ema_val_accuracy" if average else "val_accuracy")
         improved = val is not None and val > self.state.get("best_val_accuracy", -1.0)
         if improved:
             self.state["best_val_accuracy"] = float(val)
             self.state["best_epoch"] = epoch + 1
+            self.state["best_weights"] = "average" if average else "trained"
             if self.chief:
-                self.save_model(os.path.join(self.run_dir, rundir.BEST))
+                with (optimization.swapped_average(self.model) if average
+                      else contextlib.nullcontext()):
+                    self.save_model(os.path.join(self.run_dir, rundir.BEST))
         self._save_checkpoint(epoch=epoch + 1, step=0)
         print(epoch_line(row, self.total_epochs), flush=True)
         if self.signum:
@@ -129,11 +134,39 @@ class RunMonitor(keras.callbacks.Callback):
                            "command to resume", status=128 + self.signum)
 
 
+class AverageScore(keras.callbacks.Callback):
+    """Scores the weight average (``ema_decay``) on the validation data at every epoch end.
+
+    It adds ``ema_val_loss``, ``ema_val_accuracy`` (and ``ema_val_top5``) to the epoch's
+    logs, so it must come before :class:`RunMonitor`, which records them and saves the
+    better of the two as best.keras.
+    """
+
+    def __init__(self, val_data):
+        super().__init__()
+        self.val_data = val_data
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or not optimization.has_average(self.model):
+            return
+        with optimization.swapped_average(self.model):
+            scores = self.model.evaluate(self.val_data, verbose=0, return_dict=True)
+        logs.update({f"ema_val_{key}": float(value) for key, value in scores.items()})
+
+
+def better_average(logs: dict[str, float]) -> bool:
+    """Whether the epoch's weight average scored a higher validation top-1 than the trained
+    weights (False without an average or without validation data)."""
+    average, trained = logs.get("ema_val_accuracy"), logs.get("val_accuracy")
+    return average is not None and trained is not None and average > trained
+
+
 def epoch_line(row: dict[str, float], total_epochs: int) -> str:
     """The one-line summary printed after every epoch."""
     parts = [f"epoch {row['epoch']}/{total_epochs}"]
     for key, label in (("loss", "loss"), ("accuracy", "top1"), ("val_loss", "val_loss"),
-                       ("val_accuracy", "val_top1"), ("val_top5", "val_top5")):
+                       ("val_accuracy", "val_top1"), ("val_top5", "val_top5"),
+                       ("ema_val_accuracy", "ema_val_top1")):
         if key in row:
             parts.append(f"{label} {row[key]:.4f}")
     parts.append(f"lr {row['learning_rate']:.3g}")

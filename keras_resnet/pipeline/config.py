@@ -75,6 +75,7 @@ class Recipe:
     reference: str
     nesterov: bool = False
     warmup_fraction: float | None = None
+    ema_decay: float = 0.0
 
 
 RECIPES = {
@@ -149,6 +150,10 @@ class TrainConfig:
              "5e-4, imagenet 1e-4).")
     label_smoothing: float | None = _option(
         help="label smoothing of the cross-entropy (recipe: 0 CIFAR-style, 0.1 imagenet).")
+    ema_decay: float | None = _option(
+        help="per-step decay of an exponential moving average of the weights, scored on "
+             "the validation data every epoch beside them; the saved models take the "
+             "average where it scores higher (0: off; recipe: 0).")
     seed: int = _option(0, help="seeds initialisation, validation carving, shuffling and "
                                 "augmentation.")
     optimizer: str = _option("sgd", help="sgd, adam, adamw or rmsprop.", choices=OPTIMIZERS)
@@ -228,6 +233,7 @@ class ResolvedConfig:
     learning_rate: float
     weight_decay: float
     label_smoothing: float
+    ema_decay: float
     seed: int
     optimizer: str
     momentum: float
@@ -322,13 +328,15 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
         label_smoothing=(recipe.label_smoothing if c.label_smoothing is None
                          else c.label_smoothing),
         nesterov=recipe.nesterov if c.nesterov is None else c.nesterov,
+        ema_decay=recipe.ema_decay if c.ema_decay is None else c.ema_decay,
         learning_rate=(recipe.base_lr * batch_size / recipe.reference_batch
                        if c.learning_rate is None else c.learning_rate))
     resolved = ResolvedConfig(**values)
     for ok, message in (
             (resolved.learning_rate > 0, "learning_rate must be positive"),
             (resolved.weight_decay >= 0, "weight_decay must be at least 0"),
-            (0 <= resolved.label_smoothing < 1, "label_smoothing must be in [0, 1)")):
+            (0 <= resolved.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (0 <= resolved.ema_decay < 1, "ema_decay must be in [0, 1) (0: no average)")):
         if not ok:
             raise UserError(message)
     return resolved

@@ -20,7 +20,7 @@ import keras
 
 import keras_resnet
 from keras_resnet import weights as weights_lib
-from keras_resnet.pipeline import fused_batch_norm, safe_writes
+from keras_resnet.pipeline import fused_batch_norm, optimization, safe_writes
 from keras_resnet.pipeline.config import ResolvedConfig
 from keras_resnet.pipeline.errors import UserError, first_line
 
@@ -89,18 +89,12 @@ def save_model(model: keras.Model, twin: keras.Model, path: str) -> None:
     trainable = {layer.name: layer.trainable for layer in model.layers}
     for layer in twin.layers:
         layer.trainable = trainable[layer.name]
-    source, target = (_plain_optimizer(m) for m in (model, twin))
+    source, target = (optimization.plain_optimizer(m) for m in (model, twin))
     if source is not None and target is not None and source.built and target.built:
         pairs = list(zip(target.variables, source.variables, strict=True))
         for a, b in pairs:
             a.assign(keras.ops.convert_to_numpy(b.value))
     safe_writes.save_atomic(path, twin.save)
-
-
-def _plain_optimizer(model):
-    # mixed_float16 wraps the run's optimizer in a LossScaleOptimizer; the twin has none.
-    optimizer = getattr(model, "optimizer", None)
-    return getattr(optimizer, "inner_optimizer", optimizer)
 
 
 def load_initial_weights(model: keras.Model, resolved: ResolvedConfig) -> None:

@@ -7,6 +7,8 @@ only.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
 
 from keras_resnet.pipeline.config import STEP_BOUNDARIES, ResolvedConfig
@@ -61,18 +63,83 @@ def make_schedule(kind: str, learning_rate: float, *, total_steps: int, warmup_s
 
 
 def make_optimizer(resolved: ResolvedConfig, schedule) -> keras.optimizers.Optimizer:
-    """The run's optimizer over ``schedule``; AdamW's decay skips BN parameters and biases."""
+    """The run's optimizer over ``schedule``; AdamW's decay skips BN parameters and biases.
+
+    With ``ema_decay``, the optimizer also keeps the weight average (Keras' ``use_ema``, in
+    its variables, so checkpoints hold it and a resumed run continues it); ``fit`` then
+    leaves the trained weights in the model, and the run decides whether to take the
+    average (:func:`use_average`).
+    """
     name = resolved.optimizer
+    ema = ({"use_ema": True, "ema_momentum": resolved.ema_decay} if resolved.ema_decay
+           else {})
     if name == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=resolved.momentum,
-                                    nesterov=resolved.nesterov)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(schedule, momentum=resolved.momentum)
-    if name == "adam":
-        return keras.optimizers.Adam(schedule)
-    optimizer = keras.optimizers.AdamW(schedule, weight_decay=resolved.weight_decay)
-    optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+        optimizer = keras.optimizers.SGD(schedule, momentum=resolved.momentum,
+                                         nesterov=resolved.nesterov, **ema)
+    elif name == "rmsprop":
+        optimizer = keras.optimizers.RMSprop(schedule, momentum=resolved.momentum, **ema)
+    elif name == "adam":
+        optimizer = keras.optimizers.Adam(schedule, **ema)
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=resolved.weight_decay,
+                                           **ema)
+        optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    if ema:
+        # Keras' fit ends by overwriting the weights with the average; a run fits in
+        # segments (phases, a resumed epoch), each of which must continue the trained
+        # weights, so that overwrite is left to use_average.
+        optimizer.finalize_variable_values = lambda var_list: None
     return optimizer
+
+
+def plain_optimizer(model: keras.Model):
+    """The model's optimizer without the LossScaleOptimizer that mixed_float16 wraps it in
+    (None before compile)."""
+    optimizer = getattr(model, "optimizer", None)
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _average_pairs(model: keras.Model):
+    optimizer = plain_optimizer(model)
+    if optimizer is None or not getattr(optimizer, "use_ema", False) or not optimizer.built:
+        return []
+    averages = optimizer._model_variables_moving_average  # noqa: SLF001 - Keras' own slots
+    return [(v, a) for v, a in zip(model.trainable_variables, averages, strict=True)
+            if a is not None]
+
+
+def has_average(model: keras.Model) -> bool:
+    """Whether the model's optimizer keeps a weight average (``ema_decay`` > 0)."""
+    return bool(_average_pairs(model))
+
+
+def start_average(model: keras.Model) -> None:
+    """Starts the average at the current weights (an optimizer that takes over a run
+    part-way: its step count is not 0, so Keras would average from zeros)."""
+    plain_optimizer(model).build(model.trainable_variables)
+    for variable, average in _average_pairs(model):
+        average.assign(variable)
+
+
+def use_average(model: keras.Model) -> None:
+    """Replaces the trained weights by their average, for good."""
+    for variable, average in _average_pairs(model):
+        variable.assign(average)
+
+
+@contextlib.contextmanager
+def swapped_average(model: keras.Model):
+    """The average in the model's weights for the duration of the block (to score or save
+    it); the trained weights come back afterwards."""
+    pairs = _average_pairs(model)
+    trained = [keras.ops.convert_to_numpy(v.value) for v, _ in pairs]
+    for variable, average in pairs:
+        variable.assign(average)
+    try:
+        yield
+    finally:
+        for (variable, _), value in zip(pairs, trained, strict=True):
+            variable.assign(value)
 
 
 def compile_model(model: keras.Model, resolved: ResolvedConfig, optimizer, num_classes: int,

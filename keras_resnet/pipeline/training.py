@@ -260,6 +260,8 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
                 _restore(model, optimizer, run_dir, state)
             elif iterations:
                 optimizer.iterations.assign(iterations)  # the schedule continues
+                if resolved.ema_decay:
+                    optimization.start_average(model)
         if twin is not None:
             _set_trainable(twin, head_only, original, resolved.freeze_bn)
             optimization.compile_model(twin, resolved,
@@ -312,7 +314,10 @@ def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, ch
         keep=resolved.keep_checkpoints, total_epochs=resolved.epochs, start_time=start,
         checkpoint_every=checkpoint_interval(resolved, steps),
         first_step=first_step, stop=stop, agree=agree)
+    # The average's scores go into the epoch's logs before the monitor records them.
     fit_callbacks = [monitor]
+    if resolved.ema_decay and val_ds is not None:
+        fit_callbacks.insert(0, callbacks.AverageScore(val_ds))
     if chief:
         fit_callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(run_dir, rundir.LOGS), write_graph=False, profile_batch=0))
@@ -343,6 +348,13 @@ def _restore(model, optimizer, run_dir, state):
 def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
     history = state["history"]
     last = history[-1] if history else {}
+    # The final model is the weight average where it scored higher on the last epoch, or
+    # where nothing scored either (no validation data).
+    average = optimization.has_average(model) and (
+        callbacks.better_average(last) or last.get("val_accuracy") is None)
+    if average:
+        optimization.use_average(model)
+    chosen = "ema_" if average and "ema_val_accuracy" in last else ""
     rates = [row["images_per_sec"] for row in history]
     # The first epoch includes graph tracing; leave it out of the steady-state rate.
     steady = rates[1:] if len(rates) > 1 else rates
@@ -350,17 +362,24 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
         "model": resolved.model, "dataset": resolved.dataset,
         "epochs": state["epoch"], "epochs_requested": resolved.epochs,
         "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
-        "val_loss": last.get("val_loss"), "val_accuracy": last.get("val_accuracy"),
-        "val_top5": last.get("val_top5"),
+        "val_loss": last.get(f"{chosen}val_loss"),
+        "val_accuracy": last.get(f"{chosen}val_accuracy"),
+        "val_top5": last.get(f"{chosen}val_top5"),
         "best_val_accuracy": state.get("best_val_accuracy") if state.get(
             "best_epoch") else None,
         "best_epoch": state.get("best_epoch"),
+        "weights": "average" if average else "trained",
+        "best_weights": state.get("best_weights"),
         "wall_time_s": state.get("wall_time_s", time.perf_counter() - start),
         "images_per_sec": float(np.median(steady)) if steady else None,
         "train_images": bundle.train_size, "val_images": bundle.val_size,
         "skipped_images": len(bundle.skipped),
         "note": "train_* are running means over the last epoch, with augmentation",
     }
+    if optimization.has_average(model):
+        metrics.update(ema_decay=resolved.ema_decay,
+                       trained_val_accuracy=last.get("val_accuracy"),
+                       ema_val_accuracy=last.get("ema_val_accuracy"))
     if not chief:
         return metrics
     network.save_model(model, twin, os.path.join(run_dir, rundir.MODEL))
