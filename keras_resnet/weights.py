@@ -58,6 +58,10 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         file="resnet32_cifar10.h5",
         sha256="1d5fa4e2a29f616692ae398e3d6c783272db5a9f046c0b4074d9bd8ccd38dc07",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet32_cifar10.json")},
+    "resnet44": {"cifar10": Pretrained(
+        file="resnet44_cifar10.h5",
+        sha256="11ca72b82909782f301b49bd8ebb3fa674f720778b1cfe9b6618955f8b2dc7be",
+        classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
 }
 
 BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
