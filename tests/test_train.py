@@ -47,9 +47,14 @@ def run_cli(*args, timeout=600):
     return tool_subprocess("train", *args, timeout=timeout)
 
 
-def history(run_dir):
+def rows(run_dir):
+    """history.csv, one dict of floats per epoch (columns it left empty left out)."""
     with open(Path(run_dir) / "history.csv") as f:
-        return [int(row["epoch"]) for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def history(run_dir):
+    return [int(row["epoch"]) for row in rows(run_dir)]
 
 
 def read_json(path):
@@ -407,11 +412,6 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog
 
 
 # --------------------------------------------------------------------------- weight average
-
-
-def rows(run_dir):
-    with open(Path(run_dir) / "history.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def test_the_weight_average_is_scored_every_epoch_and_saved_where_it_scores_higher(

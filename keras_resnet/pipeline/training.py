@@ -350,8 +350,8 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
     last = history[-1] if history else {}
     # The final model is the weight average where it scored higher on the last epoch, or
     # where nothing scored either (no validation data).
-    average = optimization.has_average(model) and (
-        callbacks.better_average(last) or last.get("val_accuracy") is None)
+    averaged = optimization.has_average(model)
+    average = averaged and (callbacks.better_average(last) or last.get("val_accuracy") is None)
     if average:
         optimization.use_average(model)
     chosen = "ema_" if average and "ema_val_accuracy" in last else ""
@@ -376,7 +376,7 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
         "skipped_images": len(bundle.skipped),
         "note": "train_* are running means over the last epoch, with augmentation",
     }
-    if optimization.has_average(model):
+    if averaged:
         metrics.update(ema_decay=resolved.ema_decay,
                        trained_val_accuracy=last.get("val_accuracy"),
                        ema_val_accuracy=last.get("ema_val_accuracy"))
