@@ -32,7 +32,7 @@ from conftest import saved_layers, tool, tool_error, tool_subprocess
 import keras_resnet
 from keras_resnet import pipeline
 from keras_resnet.pipeline import config as config_lib
-from keras_resnet.pipeline import network, optimization, precision, rundir, safe_writes
+from keras_resnet.pipeline import distribute, network, optimization, precision, rundir, safe_writes
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=8", "--dataset=digits", "--batch_size=32", "--verbose=false"]
@@ -812,6 +812,28 @@ def test_multi_worker_two_processes(tmp_path):
     # both workers report the same globally averaged metrics
     strip = [[x.rsplit(" - ", 2)[0] for x in ls] for ls in lines]
     assert strip[0] == strip[1] and len(strip[0]) == 1
+
+
+@pytest.mark.parametrize("tf_config, worker_task", [
+    (None, False),
+    ("not json", False),
+    ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, False),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, False),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, True),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
+     False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
+     True),
+])
+def test_worker_tasks_are_the_cluster_tasks_other_than_the_chief(monkeypatch, tf_config,
+                                                                  worker_task):
+    """Such a task leaves without the interpreter's teardown (tools/_cli.finish)."""
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config if isinstance(tf_config, str)
+                           else json.dumps(tf_config))
+    assert distribute.is_worker_task() is worker_task
 
 
 def _workers(run_dir, args, ports):

@@ -15,13 +15,23 @@ from keras_resnet.pipeline.config import STRATEGIES
 from keras_resnet.pipeline.errors import UserError, choose
 
 
-def _cluster_workers() -> int:
+def _tf_config() -> dict:
     try:
-        spec = json.loads(os.environ.get("TF_CONFIG") or "{}")
+        return json.loads(os.environ.get("TF_CONFIG") or "{}")
     except json.JSONDecodeError as e:
         raise UserError(f"TF_CONFIG is not valid JSON ({e})") from e
-    cluster = spec.get("cluster", {})
+
+
+def _cluster_workers() -> int:
+    cluster = _tf_config().get("cluster", {})
     return sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
+
+
+def _chief_task(task_type: str, task_id: int, cluster: dict) -> bool:
+    """The rule of tf.distribute: the "chief" task, else worker 0 of a cluster without one."""
+    if task_type == "chief":
+        return True
+    return task_type == "worker" and task_id == 0 and "chief" not in cluster
 
 
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
@@ -67,10 +77,20 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return True
-    if resolver.task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+    return _chief_task(resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict())
+
+
+def is_worker_task() -> bool:
+    """Whether TF_CONFIG makes this process a task of a multi-worker cluster other than
+    the chief (read from the environment alone, without TensorFlow)."""
+    try:
+        spec = _tf_config()
+    except UserError:
+        return False
+    task = spec.get("task", {})
+    if _cluster_workers() < 2 or not task.get("type"):
+        return False
+    return not _chief_task(task["type"], int(task.get("index", 0)), spec.get("cluster", {}))
 
 
 # Signal numbers below this are agreed on (SIGINT is 2, SIGTERM 15).
