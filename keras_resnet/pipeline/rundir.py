@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from keras_resnet.pipeline.errors import RunDirError, RunLocked
-from keras_resnet.pipeline.safe_writes import guarded_write, save_atomic, write_atomic
+from keras_resnet.pipeline.safe_writes import guarded_write, save_atomic, write_json
 
 CONFIG = "config.json"
 LABELS = "labels.txt"
@@ -301,7 +301,7 @@ def save_checkpoint(model_dir, save_weights, state: dict[str, Any], *, keep: int
     state["checkpoints"] = entries[-keep:]
     state["weights"] = name
     record = {k: v for k, v in state.items() if k != "damaged"}
-    write_atomic(os.path.join(folder, CHECKPOINT_STATE), json.dumps(record, indent=1))
+    write_json(os.path.join(folder, CHECKPOINT_STATE), record)
     write_history(model_dir, state["history"])
     kept = {e["weights"] for e in state["checkpoints"]}
     for old in os.listdir(folder):

@@ -127,8 +127,8 @@ def write_atomic(path, text: str) -> None:
         os.replace(tmp, path)
 
 
-def write_json(path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
+def write_json(path, data: Any, *, sort_keys: bool = False) -> None:
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=sort_keys, default=str) + "\n")
 
 
 def write_bytes_atomic(path, content: bytes) -> None:

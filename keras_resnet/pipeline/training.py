@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import platform
@@ -225,8 +224,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     twin = network.build_twin(resolved, num_classes) if chief else None
     if chief:
         # Written once the model is known to build, so bad options leave no run behind.
-        safe_writes.write_atomic(os.path.join(run_dir, rundir.CONFIG),
-                                 json.dumps(record, indent=1, sort_keys=True, default=str))
+        safe_writes.write_json(os.path.join(run_dir, rundir.CONFIG), record, sort_keys=True)
         safe_writes.write_atomic(os.path.join(run_dir, rundir.LABELS),
                                  "\n".join(bundle.class_names) + "\n")
 
@@ -383,7 +381,7 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
     if not chief:
         return metrics
     network.save_model(model, twin, os.path.join(run_dir, rundir.MODEL))
-    safe_writes.write_atomic(os.path.join(run_dir, rundir.METRICS), json.dumps(metrics, indent=1))
+    safe_writes.write_json(os.path.join(run_dir, rundir.METRICS), metrics)
     rundir.write_history(run_dir, history)
     if history:
         callbacks.plot_curves(history, os.path.join(run_dir, rundir.CURVES),
