@@ -536,6 +536,24 @@ def test_fine_tune_with_frozen_backbone_then_resume(digits_run, tmp_path):
     assert history(tmp_path / "run") == [1, 2, 3]
 
 
+def test_the_weight_average_starts_again_at_the_weights_of_the_unfrozen_phase(digits_run,
+                                                                             tmp_path):
+    """The whole-network phase gets a new optimizer part-way (its step count not 0), whose
+    average Keras would start from zeros: a near-zero average gives all-zero logits, a
+    validation loss of exactly ln 3 on three classes. Started at the phase's weights it
+    scores like them."""
+    data_dir = _three_classes(tmp_path / "images")
+    pipeline.train(pipeline.TrainConfig(
+        depth=8, dataset="folder", data_dir=str(data_dir), epochs=2, batch_size=8,
+        initial_weights=str(digits_run / "model.keras"), freeze_backbone_epochs=1,
+        ema_decay=0.999, model_dir=str(tmp_path / "run"), verbose="false",
+        val_fraction=0.25))
+    epochs = rows(tmp_path / "run")
+    assert [int(e["epoch"]) for e in epochs] == [1, 2]
+    for epoch in epochs:
+        assert abs(epoch["ema_val_loss"] - np.log(3)) > 1e-3, epoch
+
+
 def test_tfds_training_through_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
