@@ -144,6 +144,7 @@ def test_fast_recipe_resolves_as_documented():
     (dict(depth=50, image_size=16), "image_size=16 is too small for resnet50"),
     (dict(depth=20, recipe="paper"), "recipe='paper' is not valid; choose one of he2015, fast"),
     (dict(depth=20, ema_decay=1.0), r"ema_decay must be in \[0, 1\) \(0: no average\)"),
+    (dict(depth=20, ema_bn_batches=-1), "ema_bn_batches must be at least 0"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(pipeline.UserError, match=message):
@@ -417,10 +418,11 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog
 def test_the_weight_average_is_scored_every_epoch_and_saved_where_it_scores_higher(
         tmp_path):
     options = dict(depth=8, dataset="digits", batch_size=32, steps_per_epoch=10,
-                   ema_decay=0.9, mixed_precision="false", lr_schedule="constant",
-                   warmup_epochs=0, verbose="false")
+                   ema_decay=0.9, ema_bn_batches=4, mixed_precision="false",
+                   lr_schedule="constant", warmup_epochs=0, verbose="false")
     run = tmp_path / "run"
     metrics = pipeline.train(pipeline.TrainConfig(epochs=3, model_dir=str(run), **options))
+    assert metrics["ema_bn_batches"] == 4
     history_rows = rows(run)
     assert all(0 <= row["ema_val_accuracy"] <= 1 for row in history_rows)
     last = history_rows[-1]
@@ -472,6 +474,45 @@ def test_fit_leaves_the_trained_weights_and_the_average_swaps_in_and_out():
     optimization.prepare_for_training(plain, pipeline.resolve(pipeline.TrainConfig(depth=8)),
                                       10, steps_per_epoch=4)
     assert not optimization.has_average(plain)
+
+
+def test_bn_statistics_of_the_average_are_estimated_and_swapped_back():
+    """precise BN: each BN layer's moving statistics become the mean over the batches of its
+    input's training-mode batch mean and variance; swapped_average puts back the trained
+    weights' statistics afterwards."""
+    resolved = pipeline.resolve(pipeline.TrainConfig(depth=8, ema_decay=0.5))
+    model = network.build_model(resolved, 10)
+    optimization.prepare_for_training(model, resolved, 10, steps_per_epoch=4)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    model.fit(x, keras.utils.to_categorical(np.arange(8) % 10, 10), batch_size=4, epochs=2,
+              verbose=0)
+    batches = [(rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32"), None)
+               for _ in range(3)]
+    first_bn = model.get_layer("conv1_bn")
+    running = [v.numpy() for v in (first_bn.moving_mean, first_bn.moving_variance)]
+    stem = keras.Model(model.input, first_bn.input)
+    with optimization.swapped_average(model, batches):
+        # the stem conv's output under the average, batch by batch
+        outputs = [stem(images).numpy().astype("float64") for images, _ in batches]
+        np.testing.assert_allclose(first_bn.moving_mean.numpy(),
+                                   np.mean([o.mean(axis=(0, 1, 2)) for o in outputs], axis=0),
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(first_bn.moving_variance.numpy(),
+                                   np.mean([o.var(axis=(0, 1, 2)) for o in outputs], axis=0),
+                                   rtol=1e-4, atol=1e-4)
+        estimated = [layer.moving_mean.numpy() for layer in model.layers
+                     if isinstance(layer, keras.layers.BatchNormalization)]
+    for value, variable in zip(running, (first_bn.moving_mean, first_bn.moving_variance),
+                               strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    assert not np.allclose(running[0], estimated[0])
+    # the same batches give the same statistics
+    with optimization.swapped_average(model, batches):
+        again = [layer.moving_mean.numpy() for layer in model.layers
+                 if isinstance(layer, keras.layers.BatchNormalization)]
+    for a, b in zip(estimated, again, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # --------------------------------------------------------------------------- fine-tuning

@@ -25,7 +25,9 @@ class RunMonitor(keras.callbacks.Callback):
     :class:`~keras_resnet.pipeline.errors.Interrupted` stops the run (at an epoch's last
     step, after that epoch's validation and checkpoint). ``agree(flag)`` makes every
     worker of a multi-worker run take the same decision (any worker's signal stops all).
-    The best model is written by ``save_model(path)``.
+    The best model is written by ``save_model(path)``; where the weight average scored
+    higher, with BatchNormalization statistics estimated over ``average_bn`` (batches; None:
+    the running ones), as :class:`AverageScore` scored it.
 
     ``first_step`` is the step the first epoch of this ``fit`` starts at (a resumed
     mid-epoch checkpoint); that epoch then runs ``steps_per_epoch - first_step`` steps.
@@ -33,9 +35,10 @@ class RunMonitor(keras.callbacks.Callback):
 
     def __init__(self, *, run_dir, chief, state, phase, batch_size, steps_per_epoch,
                  keep, total_epochs, start_time, save_model, checkpoint_every=0,
-                 first_step=0, stop=None, agree=None):
+                 first_step=0, stop=None, agree=None, average_bn=None):
         super().__init__()
         self.save_model = save_model
+        self.average_bn = average_bn
         self.run_dir = run_dir
         self.chief = chief
         self.state = state
@@ -100,7 +103,7 @@ class RunMonitor(keras.callbacks.Callback):
             self.state["best_epoch"] = epoch + 1
             self.state["best_weights"] = "average" if average else "trained"
             if self.chief:
-                with (optimization.swapped_average(self.model) if average
+                with (optimization.swapped_average(self.model, self.average_bn) if average
                       else contextlib.nullcontext()):
                     self.save_model(os.path.join(self.run_dir, rundir.BEST))
         self._save_checkpoint(epoch=epoch + 1, step=0)
@@ -139,17 +142,20 @@ class AverageScore(keras.callbacks.Callback):
 
     It adds ``ema_val_loss``, ``ema_val_accuracy`` (and ``ema_val_top5``) to the epoch's
     logs, so it must come before :class:`RunMonitor`, which records them and saves the
-    better of the two as best.keras.
+    better of the two as best.keras. With ``bn_batches`` the average is scored with
+    BatchNormalization statistics estimated over those training batches
+    (:func:`optimization.estimate_bn_statistics`), else with the running ones.
     """
 
-    def __init__(self, val_data):
+    def __init__(self, val_data, bn_batches=None):
         super().__init__()
         self.val_data = val_data
+        self.bn_batches = bn_batches
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None or not optimization.has_average(self.model):
             return
-        with optimization.swapped_average(self.model):
+        with optimization.swapped_average(self.model, self.bn_batches):
             scores = self.model.evaluate(self.val_data, verbose=0, return_dict=True)
         logs.update({f"ema_val_{key}": float(value) for key, value in scores.items()})
 

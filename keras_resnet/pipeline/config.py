@@ -76,6 +76,7 @@ class Recipe:
     nesterov: bool = False
     warmup_fraction: float | None = None
     ema_decay: float = 0.0
+    ema_bn_batches: int = 100
 
 
 RECIPES = {
@@ -154,6 +155,10 @@ class TrainConfig:
         help="per-step decay of an exponential moving average of the weights, scored on "
              "the validation data every epoch beside them; the saved models take the "
              "average where it scores higher (0: off; recipe: 0).")
+    ema_bn_batches: int | None = _option(
+        help="training batches over which the weight average's BatchNormalization "
+             "statistics are estimated before it is scored or saved (precise BN; 0: it "
+             "keeps the running statistics of the trained weights; recipe: 100).")
     seed: int = _option(0, help="seeds initialisation, validation carving, shuffling and "
                                 "augmentation.")
     optimizer: str = _option("sgd", help="sgd, adam, adamw or rmsprop.", choices=OPTIMIZERS)
@@ -234,6 +239,7 @@ class ResolvedConfig:
     weight_decay: float
     label_smoothing: float
     ema_decay: float
+    ema_bn_batches: int
     seed: int
     optimizer: str
     momentum: float
@@ -329,6 +335,8 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
                          else c.label_smoothing),
         nesterov=recipe.nesterov if c.nesterov is None else c.nesterov,
         ema_decay=recipe.ema_decay if c.ema_decay is None else c.ema_decay,
+        ema_bn_batches=(recipe.ema_bn_batches if c.ema_bn_batches is None
+                        else c.ema_bn_batches),
         learning_rate=(recipe.base_lr * batch_size / recipe.reference_batch
                        if c.learning_rate is None else c.learning_rate))
     resolved = ResolvedConfig(**values)
@@ -336,7 +344,9 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
             (resolved.learning_rate > 0, "learning_rate must be positive"),
             (resolved.weight_decay >= 0, "weight_decay must be at least 0"),
             (0 <= resolved.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (0 <= resolved.ema_decay < 1, "ema_decay must be in [0, 1) (0: no average)")):
+            (0 <= resolved.ema_decay < 1, "ema_decay must be in [0, 1) (0: no average)"),
+            (resolved.ema_bn_batches >= 0, "ema_bn_batches must be at least 0 (0: the "
+                                           "average keeps the running BN statistics)")):
         if not ok:
             raise UserError(message)
     return resolved

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import keras
+import tensorflow as tf
 
 from keras_resnet.pipeline.config import STEP_BOUNDARIES, ResolvedConfig
 
@@ -121,24 +122,74 @@ def start_average(model: keras.Model) -> None:
         average.assign(variable)
 
 
-def use_average(model: keras.Model) -> None:
-    """Replaces the trained weights by their average, for good."""
+def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    return [layer for layer in model.layers
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def estimate_bn_statistics(model: keras.Model, batches) -> None:
+    """Sets each BatchNormalization layer's moving mean and variance to the mean, over
+    ``batches`` (an iterable of ``(images, labels)``), of the per-channel mean and variance
+    its input has in a training-mode forward pass ("precise BN": Wu & Johnson 2021,
+    Rethinking "Batch" in BatchNorm, section 3).
+
+    The running statistics belong to the weights they were updated with; a weight average
+    scored with the trained weights' statistics scores lower than it should (BUILD.md
+    "Training recipes"). The same batches give the same statistics.
+    """
+    layers = _batch_norms(model)
+    if not layers:
+        return
+    inputs = keras.Model(model.input, [layer.input for layer in layers])
+
+    @tf.function(reduce_retracing=True)
+    def batch_moments(images):
+        moments = []
+        for x in inputs(images, training=True):
+            x = tf.cast(x, tf.float32)
+            axes = list(range(len(x.shape) - 1))
+            moments.append((tf.reduce_mean(x, axes), tf.math.reduce_variance(x, axes)))
+        return moments
+
+    sums, count = None, 0
+    for images, *_ in batches:
+        moments = batch_moments(images)
+        sums = moments if sums is None else [
+            (m0 + m, v0 + v) for (m0, v0), (m, v) in zip(sums, moments, strict=True)]
+        count += 1
+    if not count:
+        raise ValueError("estimate_bn_statistics needs at least one batch")
+    for layer, (mean, variance) in zip(layers, sums, strict=True):
+        layer.moving_mean.assign(mean / count)
+        layer.moving_variance.assign(variance / count)
+
+
+def use_average(model: keras.Model, bn_batches=None) -> None:
+    """Replaces the trained weights by their average, for good; with ``bn_batches``, the
+    BatchNormalization statistics are then estimated for the average
+    (:func:`estimate_bn_statistics`)."""
     for variable, average in _average_pairs(model):
         variable.assign(average)
+    if bn_batches is not None:
+        estimate_bn_statistics(model, bn_batches)
 
 
 @contextlib.contextmanager
-def swapped_average(model: keras.Model):
+def swapped_average(model: keras.Model, bn_batches=None):
     """The average in the model's weights for the duration of the block (to score or save
-    it); the trained weights come back afterwards."""
+    it), with BatchNormalization statistics estimated over ``bn_batches`` when given; the
+    trained weights and their statistics come back afterwards."""
     pairs = _average_pairs(model)
-    trained = [keras.ops.convert_to_numpy(v.value) for v, _ in pairs]
-    for variable, average in pairs:
-        variable.assign(average)
+    kept = [variable for variable, _ in pairs]
+    if bn_batches is not None:
+        kept += [v for layer in _batch_norms(model)
+                 for v in (layer.moving_mean, layer.moving_variance)]
+    values = [keras.ops.convert_to_numpy(v.value) for v in kept]
     try:
+        use_average(model, bn_batches)
         yield
     finally:
-        for (variable, _), value in zip(pairs, trained, strict=True):
+        for variable, value in zip(kept, values, strict=True):
             variable.assign(value)
 
 

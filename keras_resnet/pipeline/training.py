@@ -304,6 +304,15 @@ def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, pha
             "the data")
 
 
+def average_bn_batches(resolved, bundle):
+    """The training batches over which the weight average's BatchNormalization statistics
+    are estimated (the first ``ema_bn_batches`` of epoch 1's stream, the same every time);
+    None without an average or with ``ema_bn_batches=0``."""
+    if not (resolved.ema_decay and resolved.ema_bn_batches):
+        return None
+    return bundle.epochs(0).take(resolved.ema_bn_batches)
+
+
 def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase,
                  begin, last, steps, first_step, verbose, start, stop, agree, save):
     monitor = callbacks.RunMonitor(
@@ -311,11 +320,13 @@ def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, ch
         batch_size=resolved.batch_size, steps_per_epoch=steps,
         keep=resolved.keep_checkpoints, total_epochs=resolved.epochs, start_time=start,
         checkpoint_every=checkpoint_interval(resolved, steps),
-        first_step=first_step, stop=stop, agree=agree)
+        first_step=first_step, stop=stop, agree=agree,
+        average_bn=average_bn_batches(resolved, bundle))
     # The average's scores go into the epoch's logs before the monitor records them.
     fit_callbacks = [monitor]
     if resolved.ema_decay and val_ds is not None:
-        fit_callbacks.insert(0, callbacks.AverageScore(val_ds))
+        fit_callbacks.insert(0, callbacks.AverageScore(
+            val_ds, average_bn_batches(resolved, bundle)))
     if chief:
         fit_callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(run_dir, rundir.LOGS), write_graph=False, profile_batch=0))
@@ -351,7 +362,7 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
     averaged = optimization.has_average(model)
     average = averaged and (callbacks.better_average(last) or last.get("val_accuracy") is None)
     if average:
-        optimization.use_average(model)
+        optimization.use_average(model, average_bn_batches(resolved, bundle))
     chosen = "ema_" if average and "ema_val_accuracy" in last else ""
     rates = [row["images_per_sec"] for row in history]
     # The first epoch includes graph tracing; leave it out of the steady-state rate.
@@ -375,7 +386,7 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
         "note": "train_* are running means over the last epoch, with augmentation",
     }
     if averaged:
-        metrics.update(ema_decay=resolved.ema_decay,
+        metrics.update(ema_decay=resolved.ema_decay, ema_bn_batches=resolved.ema_bn_batches,
                        trained_val_accuracy=last.get("val_accuracy"),
                        ema_val_accuracy=last.get("ema_val_accuracy"))
     if not chief:
