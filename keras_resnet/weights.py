@@ -62,6 +62,10 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         file="resnet44_cifar10.h5",
         sha256="11ca72b82909782f301b49bd8ebb3fa674f720778b1cfe9b6618955f8b2dc7be",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
+    "resnet56": {"cifar10": Pretrained(
+        file="resnet56_cifar10.h5",
+        sha256="70ec25197fbf549c895d2375f54de55afd3f15be22905aea18430bb49764acb5",
+        classes=CIFAR10_CLASSES, image_size=32, card="resnet56_cifar10.json")},
 }
 
 BASE_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
