@@ -79,21 +79,12 @@ def error(message: str, status: int = 2) -> int:
 
 
 def finish(status: int) -> typing.NoReturn:
-    """Exits with ``status``.
-
-    A task of a multi-worker run other than the chief leaves at once, without the
-    interpreter's teardown: that can take seconds, during which the task's heartbeat to the
-    chief's coordination service (gone once the chief has exited) fails and TensorFlow logs
-    a gRPC error after the task's last line. Such a task writes nothing: the chief writes
-    the run folder.
-    """
+    """Exits with ``status``; a worker task of a cluster leaves at once
+    (:func:`keras_resnet.pipeline.distribute.leave_if_worker_task`)."""
     if "TF_CONFIG" in os.environ:
         from keras_resnet.pipeline import distribute
 
-        if distribute.is_worker_task():
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+        distribute.leave_if_worker_task(status)
     sys.exit(status)
 
 
