@@ -75,6 +75,20 @@ def test_validation_is_deterministic_and_train_epochs_are_a_function_of_seed():
     assert not np.array_equal(_images(other.epochs(0).take(1)), first[0][:32])
 
 
+def test_evaluation_pipelines_run_without_autotuning():
+    """Keras deletes the validation iterator at every evaluation, and deleting an autotuned
+    tf.data iterator can wait out its model thread's optimization period (up to 60 s; BUILD.md
+    "What tools/train.py adds on top of the step"), so evaluation pipelines run without
+    autotuning; the training stream keeps it."""
+    bundle = data.load_data("digits", image_size=16, batch_size=32)
+    assert bundle.val.options().autotune.enabled is False
+    test = data.eval_data("digits", None, "test", 16, 32)
+    assert test.dataset.options().autotune.enabled is False
+    assert bundle.train.options().autotune.enabled is True
+    assert bundle.epochs(0).options().autotune.enabled is True
+    assert len(_labels(bundle.val)) == bundle.val_size and len(_labels(test.dataset)) == 359
+
+
 def test_carve_is_stratified_disjoint_and_seeded():
     paths = [f"f{i}" for i in range(300)]
     labels = [i % 3 for i in range(300)]

@@ -288,9 +288,13 @@ def synthetic(size, *, image_size, batch_size, seed, num_classes, offset):
 
 
 
-def _options(deterministic=True):
+def _options(deterministic=True, autotune=True):
     options = tf.data.Options()
     options.deterministic = deterministic
+    # Autotuning runs a model thread per iterator; deleting the iterator waits for it
+    # (up to tf.data's 60 s optimization period), and Keras deletes the validation
+    # iterator at every evaluation. Evaluation pipelines run without it.
+    options.autotune.enabled = autotune
     # Every worker of a multi-worker run reads the same file list; shard by element.
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA)
@@ -410,8 +414,8 @@ def _train_pipeline(split: Split, *, image_size, batch_size, seed, augment, cach
     return epoch_fn, cached
 
 
-def _finish(ds):
-    return ds.prefetch(AUTOTUNE).with_options(_options())
+def _finish(ds, autotune=True):
+    return ds.prefetch(AUTOTUNE).with_options(_options(autotune=autotune))
 
 
 def _eval_pipeline(split: Split, *, image_size, batch_size, cache_budget):
@@ -426,4 +430,4 @@ def _eval_pipeline(split: Split, *, image_size, batch_size, cache_budget):
     if split.size * image_size * image_size * 3 <= cache_budget:
         ds = ds.cache()
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=AUTOTUNE)
-    return _finish(ds.batch(batch_size, num_parallel_calls=AUTOTUNE))
+    return _finish(ds.batch(batch_size, num_parallel_calls=AUTOTUNE), autotune=False)
