@@ -87,6 +87,11 @@ def test_evaluation_pipelines_run_without_autotuning():
     assert bundle.train.options().autotune.enabled is True
     assert bundle.epochs(0).options().autotune.enabled is True
     assert len(_labels(bundle.val)) == bundle.val_size and len(_labels(test.dataset)) == 359
+    synthetic = data.load_data("synthetic", image_size=16, batch_size=8)
+    assert synthetic.val.options().autotune.enabled is False
+    assert synthetic.train.options().autotune.enabled is True
+    assert data.eval_data("synthetic", None, "val", 16, 8).dataset.options().autotune.enabled \
+        is False
 
 
 def test_carve_is_stratified_disjoint_and_seeded():

@@ -158,7 +158,7 @@ def load_data(dataset: str, *, data_dir: str | None = None, image_size: int,
         common = dict(image_size=image_size, batch_size=batch_size, seed=seed,
                       num_classes=num_classes)
         train_ds, names = synthetic(SYNTHETIC_TRAIN_SIZE, offset=0, **common)
-        val_ds, _ = synthetic(SYNTHETIC_VAL_SIZE, offset=2, **common)
+        val_ds, _ = synthetic(SYNTHETIC_VAL_SIZE, offset=2, autotune=False, **common)
         return DataBundle(train=train_ds, val=val_ds, class_names=names,
                           train_size=whole_batches(SYNTHETIC_TRAIN_SIZE, batch_size),
                           val_size=whole_batches(SYNTHETIC_VAL_SIZE, batch_size),
@@ -224,7 +224,7 @@ def eval_data(dataset: str, data_dir: str | None = None, split: str = "test",
     if dataset == "synthetic":
         ds, names = synthetic(SYNTHETIC_VAL_SIZE, image_size=image_size,
                                batch_size=batch_size, seed=seed, num_classes=num_classes,
-                               offset=0 if key == "train" else 2)
+                               offset=0 if key == "train" else 2, autotune=False)
         return EvalData(dataset=ds, class_names=names,
                         size=whole_batches(SYNTHETIC_VAL_SIZE, batch_size))
     chosen, class_names, skipped = sources.named_split(dataset, data_dir, key, val_fraction,
@@ -275,18 +275,17 @@ def whole_batches(n, batch_size):
     return max(1, n // batch_size) * batch_size
 
 
-def synthetic(size, *, image_size, batch_size, seed, num_classes, offset):
-    """One random batch repeated: a benchmark then measures the model, not data generation."""
+def synthetic(size, *, image_size, batch_size, seed, num_classes, offset, autotune=True):
+    """One random batch repeated: a benchmark then measures the model, not data generation.
+
+    ``autotune=False`` for evaluation sets (see :func:`_options`)."""
     classes = synthetic_classes(image_size, num_classes)
     images = tf.random.stateless_uniform([batch_size, image_size, image_size, 3],
                                          seed=[seed, offset], maxval=255.0)
     labels = tf.random.stateless_uniform([batch_size], seed=[seed, offset + 1],
                                          maxval=classes, dtype=tf.int32)
     ds = tf.data.Dataset.from_tensors((images, labels)).repeat(max(1, size // batch_size))
-    return ds.prefetch(AUTOTUNE).with_options(_options()), tuple(
-        f"class_{i}" for i in range(classes))
-
-
+    return _finish(ds, autotune=autotune), tuple(f"class_{i}" for i in range(classes))
 
 def _options(deterministic=True, autotune=True):
     options = tf.data.Options()
