@@ -287,6 +287,7 @@ def synthetic(size, *, image_size, batch_size, seed, num_classes, offset, autotu
     ds = tf.data.Dataset.from_tensors((images, labels)).repeat(max(1, size // batch_size))
     return _finish(ds, autotune=autotune), tuple(f"class_{i}" for i in range(classes))
 
+
 def _options(deterministic=True, autotune=True):
     options = tf.data.Options()
     options.deterministic = deterministic
