@@ -873,26 +873,32 @@ def test_multi_worker_two_processes(tmp_path):
     assert strip[0] == strip[1] and len(strip[0]) == 1
 
 
-@pytest.mark.parametrize("tf_config, worker_task", [
+@pytest.mark.parametrize("tf_config, cluster_task", [
     (None, False),
     ("not json", False),
     ({"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, False),
-    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, False),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True),
     ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, True),
     ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}},
-     False),
+     True),
     ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}},
      True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}}, False),
 ])
-def test_worker_tasks_are_the_cluster_tasks_other_than_the_chief(monkeypatch, tf_config,
-                                                                  worker_task):
-    """Such a task leaves without the interpreter's teardown (tools/_cli.finish)."""
+def test_cluster_tasks_are_the_tasks_of_two_or_more_workers(monkeypatch, tf_config,
+                                                            cluster_task):
+    """Such a task leaves with the others, after an exit barrier (tools/_cli.finish)."""
     if tf_config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)
     else:
         monkeypatch.setenv("TF_CONFIG", tf_config if isinstance(tf_config, str)
                            else json.dumps(tf_config))
-    assert distribute.is_worker_task() is worker_task
+    assert distribute.is_cluster_task() is cluster_task
+
+
+def test_leaving_outside_a_cluster_returns(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert distribute.leave_cluster(0) is None
 
 
 def _workers(run_dir, args, ports):
@@ -945,6 +951,11 @@ def test_sigterm_to_one_worker_stops_every_worker_at_the_same_step(tmp_path):
     # both stopped at the step the chief's checkpoint records
     assert f"step {state['step']}/40" in chief_line and f"step {state['step']}/40" in \
         worker_line
+    # the chief left without teardown, its TensorBoard files closed: epoch 1 is in them
+    tags = {value.tag for events in (run_dir / "logs").rglob("events.out.tfevents.*")
+            for event in tf.compat.v1.train.summary_iterator(str(events))
+            for value in event.summary.value}
+    assert {"epoch_loss", "epoch_accuracy"} <= tags, tags
 
     outputs = _wait(_workers(run_dir, args, ports))
     assert read_json(run_dir / "metrics.json")["epochs"] == 2, [e[-2000:] for _, e in outputs]

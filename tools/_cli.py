@@ -79,12 +79,12 @@ def error(message: str, status: int = 2) -> int:
 
 
 def finish(status: int) -> typing.NoReturn:
-    """Exits with ``status``; a worker task of a cluster leaves at once
-    (:func:`keras_resnet.pipeline.distribute.leave_if_worker_task`)."""
+    """Exits with ``status``; a task of a cluster leaves with the others
+    (:func:`keras_resnet.pipeline.distribute.leave_cluster`)."""
     if "TF_CONFIG" in os.environ:
         from keras_resnet.pipeline import distribute
 
-        distribute.leave_if_worker_task(status)
+        distribute.leave_cluster(status)
     sys.exit(status)
 
 

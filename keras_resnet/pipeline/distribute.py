@@ -7,6 +7,7 @@ described by ``TF_CONFIG`` MultiWorkerMirroredStrategy, where only the chief wri
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 
@@ -81,32 +82,46 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return _chief_task(resolver.task_type, resolver.task_id, resolver.cluster_spec().as_dict())
 
 
-def is_worker_task() -> bool:
-    """Whether TF_CONFIG makes this process a task of a multi-worker cluster other than
-    the chief (read from the environment alone, without TensorFlow)."""
+def is_cluster_task() -> bool:
+    """Whether TF_CONFIG makes this process one task (chief or not) of a cluster of two or
+    more workers (read from the environment alone, without TensorFlow)."""
     try:
         spec = _tf_config()
     except UserError:
         return False
-    task = spec.get("task", {})
-    if _cluster_workers() < 2 or not task.get("type"):
-        return False
-    return not _chief_task(task["type"], int(task.get("index", 0)), spec.get("cluster", {}))
+    return _cluster_workers() >= 2 and bool(spec.get("task", {}).get("type"))
 
 
-def leave_if_worker_task(status: int) -> None:
-    """Ends the process with ``status`` at once when it is a worker task
-    (:func:`is_worker_task`); returns otherwise.
+# How long a task waits at the exit barrier for the others (the chief may still be
+# writing its last checkpoint and models).
+_EXIT_BARRIER_MS = 600_000
 
-    Such a task leaves without the interpreter's teardown: that can take seconds, during
-    which the task's heartbeat to the chief's coordination service (gone once the chief has
-    exited) fails and TensorFlow logs a gRPC error after the task's last line. It writes
-    nothing: the chief writes the run folder.
+
+def leave_cluster(status: int) -> None:
+    """Ends the process with ``status`` once every task of the cluster has got here, when
+    it is a task of a cluster (:func:`is_cluster_task`); returns otherwise.
+
+    The tasks first meet at a barrier of TensorFlow's coordination service, so that no
+    task leaves while the chief still writes the run folder: the chief's service reports a
+    task that has gone before the others ("The tasks have crashed") after the chief's last
+    line. Then each task leaves at once, without the interpreter's teardown, in which the
+    coordination service would report the others' exit and a task's heartbeat to the gone
+    chief would fail. A failed barrier (a task that crashed, or a process that never
+    joined the cluster) does not stop the exit. Output streams and Python log handlers are
+    flushed and closed first; the run folder's files are closed by then.
     """
-    if is_worker_task():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+    if not is_cluster_task():
+        return
+    from tensorflow.python.eager import context  # the barrier has no tf.* name
+
+    try:
+        context.context().wait_at_barrier("keras_resnet_exit", _EXIT_BARRIER_MS)
+    except Exception:  # noqa: BLE001 - leaving regardless
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 # Signal numbers below this are agreed on (SIGINT is 2, SIGTERM 15).

@@ -327,9 +327,11 @@ def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, ch
     if resolved.ema_decay and val_ds is not None:
         fit_callbacks.insert(0, callbacks.AverageScore(
             val_ds, average_bn_batches(resolved, bundle)))
+    tensorboard = None
     if chief:
-        fit_callbacks.append(keras.callbacks.TensorBoard(
-            os.path.join(run_dir, rundir.LOGS), write_graph=False, profile_batch=0))
+        tensorboard = keras.callbacks.TensorBoard(
+            os.path.join(run_dir, rundir.LOGS), write_graph=False, profile_batch=0)
+        fit_callbacks.append(tensorboard)
     # The training stream from ``begin`` continues exactly where earlier steps left it.
     data_epoch, offset = divmod(begin * steps + first_step,
                                 bundle.steps_per_epoch(resolved.batch_size) or 1)
@@ -338,9 +340,16 @@ def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, ch
         # Validation sets that skip undecodable files have no known length, and Keras
         # warns "ran out of data" at their (normal) end.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        model.fit(train_ds, epochs=last, initial_epoch=begin,
-                  steps_per_epoch=steps - first_step, validation_data=val_ds,
-                  callbacks=fit_callbacks, verbose=verbose, shuffle=False)
+        try:
+            model.fit(train_ds, epochs=last, initial_epoch=begin,
+                      steps_per_epoch=steps - first_step, validation_data=val_ds,
+                      callbacks=fit_callbacks, verbose=verbose, shuffle=False)
+        except BaseException:
+            # A stop (Interrupted) skips Keras' on_train_end: the event files are closed
+            # here, so that a process leaving without teardown keeps their last epochs.
+            if tensorboard is not None:
+                tensorboard.on_train_end()
+            raise
     return monitor
 
 
