@@ -52,7 +52,7 @@ class Pretrained:
 PRETRAINED: dict[str, dict[str, Pretrained]] = {
     "resnet20": {"cifar10": Pretrained(
         file="resnet20_cifar10.h5",
-        sha256="8d7d384c10daa51df1fc4c64bac4178b50f5b18186418e8db48838e777f25992",
+        sha256="068eaba51bfe8600a8f7e69584b037d3b3681576aff1aef212d893f303dc3cee",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet20_cifar10.json")},
     "resnet32": {"cifar10": Pretrained(
         file="resnet32_cifar10.h5",
