@@ -33,7 +33,12 @@ def run_dir(tmp_path_factory, cifar_run_template):
 
 @pytest.fixture(scope="module")
 def qat_run(run_dir):
-    """The run after ``tools/qat.py --epochs=1`` (12 fine-tuning steps of 64 images)."""
+    """The run after ``tools/qat.py --epochs=1`` (12 fine-tuning steps of 64 images).
+
+    The run's config says it was trained with label smoothing 0.1, which QAT takes over.
+    """
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "label_smoothing": 0.1}))
     result = tool_subprocess("qat", f"--model_dir={run_dir}", "--epochs=1",
                              "--steps_per_epoch=12", "--calibration_steps=8", "--io=float32",
                              "--agreement_samples=200")
@@ -47,6 +52,7 @@ def test_qat_writes_models_and_report(qat_run):
         assert (run / name).is_file(), name
     report = json.loads((run / "qat.json").read_text())
     assert report["twin_max_abs_probability_diff"] < 1e-5
+    assert report["label_smoothing"] == 0.1  # the run's, from config.json
     assert "max |probability difference| vs Keras 3" in stdout
     assert "op audit: builtin ops only, every conv/FC in int8" in stdout
     handoff = json.loads((run / "model_int8.json").read_text())
@@ -247,6 +253,26 @@ def test_qat_bad_inputs(run_dir, tmp_path, capsys):
     empty.mkdir()
     assert "no class sub-folders" in _qat_error(capsys, f"--model_dir={run}",
                                                 f"--data_dir={empty}")
+
+
+def test_qat_loss_is_the_runs_smoothed_cross_entropy_on_integer_labels():
+    out = python_subprocess("""
+        import json
+        import numpy as np
+        from keras_resnet.pipeline import calibration
+        logits = np.random.default_rng(0).normal(0, 3, (6, 10)).astype("float32")
+        labels = np.array([0, 3, 9, 2, 2, 7])
+        print(json.dumps({str(s): float(calibration.sparse_cross_entropy(s)(labels, logits))
+                          for s in (0.0, 0.1)}))
+    """)
+    got = json.loads(out.strip().splitlines()[-1])
+    logits = np.random.default_rng(0).normal(0, 3, (6, 10))
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    onehot = np.eye(10)[[0, 3, 9, 2, 2, 7]]
+    for smoothing in (0.0, 0.1):
+        target = (1 - smoothing) * onehot + smoothing / 10
+        assert got[str(smoothing)] == pytest.approx(-(target * log_p).sum(-1).mean(), rel=1e-5)
 
 
 def test_load_qat_names_a_file_that_is_not_hdf5(tmp_path):

@@ -154,7 +154,8 @@ def pin_input_range(qat_model, low: float = PIXEL_RANGE[0], high: float = PIXEL_
 
 
 def fine_tune(qat_model, train, val=None, *, epochs: int = 1, learning_rate: float = 1e-3,
-              freeze_bn: bool = True, steps_per_epoch: int | None = None, verbose=2):
+              freeze_bn: bool = True, steps_per_epoch: int | None = None,
+              label_smoothing: float = 0.0, verbose=2):
     """Fine-tunes a QAT model with SGD + momentum and a cosine-decayed low learning rate.
 
     Args:
@@ -165,6 +166,8 @@ def fine_tune(qat_model, train, val=None, *, epochs: int = 1, learning_rate: flo
         learning_rate: initial learning rate; about 1% of the float run's is typical.
         freeze_bn: keep BN statistics and affine parameters of the float model.
         steps_per_epoch: limit each epoch (default: the whole dataset).
+        label_smoothing: the float run's label smoothing, so that fine-tuning pulls the
+            logits towards the targets the float model was trained on.
         verbose: Keras fit verbosity.
 
     A model ending in a softmax ``Activation`` layer (the twins of this package) trains on
@@ -195,13 +198,35 @@ def fine_tune(qat_model, train, val=None, *, epochs: int = 1, learning_rate: flo
         # Compiled inside the context so the optimizer sees the restricted weight lists.
         trained.compile(
             optimizer=tf_keras.optimizers.SGD(schedule, momentum=0.9),
-            loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
+            loss=sparse_cross_entropy(label_smoothing),
+            metrics=[tf_keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         )
         history = trained.fit(train, validation_data=val, epochs=epochs,
                                 steps_per_epoch=steps_per_epoch, verbose=verbose)
     pin_input_range(qat_model)
     return history
+
+
+def sparse_cross_entropy(label_smoothing: float = 0.0):
+    """tf_keras cross-entropy on logits and integer labels, with label smoothing.
+
+    tf_keras' sparse loss has no ``label_smoothing``; with smoothing the labels are one-hot
+    encoded first and the smoothed categorical loss is used, which is the training loss of
+    the Keras 3 run (``optimization.compile_model``).
+    """
+    import tensorflow as tf
+    import tf_keras
+
+    if not label_smoothing:
+        return tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    smoothed = tf_keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                       label_smoothing=label_smoothing)
+
+    def smoothed_sparse_cross_entropy(labels, logits):
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+        return smoothed(tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype), logits)
+
+    return smoothed_sparse_cross_entropy
 
 
 def save_qat(qat_model, path) -> None:

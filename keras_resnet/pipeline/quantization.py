@@ -178,6 +178,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
 
     if learning_rate is None:
         learning_rate = QAT_LR_SHARE * float(run.config.get("learning_rate") or 0.1)
+    label_smoothing = float(run.config.get("label_smoothing") or 0.0)
     qat_model = quantize_model(twin, variant=run.variant)
     used = calibration.calibrate(qat_model, bundle.train, steps=calibration_steps)
     float_top1 = exporting.top1(np.asarray(model.predict(val_images, verbose=0)), val_labels)
@@ -188,7 +189,8 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
         verbose, 2)
     calibration.fine_tune(qat_model, bundle.train, bundle.val, epochs=epochs,
                           learning_rate=learning_rate, freeze_bn=freeze_bn,
-                          steps_per_epoch=steps_per_epoch, verbose=fit_verbose)
+                          steps_per_epoch=steps_per_epoch, label_smoothing=label_smoothing,
+                          verbose=fit_verbose)
     qat_logits = qat_model.predict(val_images, verbose=0)
     after = exporting.top1(qat_logits, val_labels)
 
@@ -207,6 +209,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     figures = {
         "variant": run.variant, "twin_max_abs_probability_diff": diff,
         "calibration_batches": used, "epochs": epochs, "learning_rate": learning_rate,
+        "label_smoothing": label_smoothing,
         "freeze_bn": freeze_bn, "io": io, "eval_images": len(val_images),
         "float_top1": float_top1, "qat_top1_before_fine_tuning": before,
         "qat_top1": after, "int8_top1": int8_top1,
