@@ -24,8 +24,9 @@ def _tf_config() -> dict:
         raise UserError(f"TF_CONFIG is not valid JSON ({e})") from e
 
 
-def _cluster_workers() -> int:
-    cluster = _tf_config().get("cluster", {})
+def _cluster_workers(config: dict) -> int:
+    """Chief and worker tasks in the cluster of a parsed TF_CONFIG."""
+    cluster = config.get("cluster", {})
     return sum(len(cluster.get(k, [])) for k in ("chief", "worker"))
 
 
@@ -47,7 +48,7 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     Must run before any other TensorFlow work when a multi-worker strategy is chosen.
     """
     choose("strategy", name, STRATEGIES)
-    workers = _cluster_workers()
+    workers = _cluster_workers(_tf_config())
     if name == "auto":
         if workers > 1:
             name = "multiworker"
@@ -86,10 +87,10 @@ def is_cluster_task() -> bool:
     """Whether TF_CONFIG makes this process one task (chief or not) of a cluster of two or
     more workers (read from the environment alone, without TensorFlow)."""
     try:
-        spec = _tf_config()
+        config = _tf_config()
     except UserError:
         return False
-    return _cluster_workers() >= 2 and bool(spec.get("task", {}).get("type"))
+    return _cluster_workers(config) >= 2 and bool(config.get("task", {}).get("type"))
 
 
 # How long a task waits at the exit barrier for the others (the chief may still be
