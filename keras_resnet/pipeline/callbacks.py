@@ -58,8 +58,6 @@ class RunMonitor(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
-        # The rate the epoch starts with (the schedule moves on during it).
-        self.lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         self.t0 = time.perf_counter()
         self.t_train = None
 
@@ -90,7 +88,10 @@ class RunMonitor(keras.callbacks.Callback):
         steps = self.steps - self.offset
         self.offset = 0  # later epochs of this fit run whole
         train_time = self.t_train or (time.perf_counter() - self.t0)
-        logs["learning_rate"] = self.lr
+        # The rate the epoch ended with, as Keras' own callbacks log it (the rate it started
+        # with would read 0 for the first epoch of a warm-up from zero).
+        logs["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()},
                "images_per_sec": steps * self.batch_size / max(train_time, 1e-9),
                "epoch_time_s": time.perf_counter() - self.t0}
