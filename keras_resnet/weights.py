@@ -52,7 +52,7 @@ class Pretrained:
 PRETRAINED: dict[str, dict[str, Pretrained]] = {
     "resnet20": {"cifar10": Pretrained(
         file="resnet20_cifar10.h5",
-        sha256="068eaba51bfe8600a8f7e69584b037d3b3681576aff1aef212d893f303dc3cee",
+        sha256="417f0d9b63f8f78ecae92d58caee66b19d17fb38596791100d99c7b42c90aa34",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet20_cifar10.json")},
     "resnet32": {"cifar10": Pretrained(
         file="resnet32_cifar10.h5",
