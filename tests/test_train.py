@@ -178,9 +178,9 @@ def test_a_tiny_fast_recipe_run_trains(tmp_path, capsys):
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert out.count("images/s") == 3
     # Each epoch logs the rate it ended with: after the warm-up from zero, never 0 at first.
-    schedule = optimization.make_schedule(
-        "cosine", config["learning_rate"], total_steps=3 * 8,
-        warmup_steps=round(config["warmup_epochs"] * 8))
+    schedule = optimization.run_schedule(pipeline.resolve(pipeline.TrainConfig(
+        depth=8, dataset="digits", recipe="fast", epochs=3, batch_size=32,
+        steps_per_epoch=8)), 8)
     assert [row["learning_rate"] for row in logged] == pytest.approx(
         [float(schedule(8 * epoch)) for epoch in (1, 2, 3)], abs=1e-7)
     assert logged[0]["learning_rate"] > logged[1]["learning_rate"] > 0
