@@ -423,13 +423,20 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog
 
 
 def test_the_weight_average_is_scored_every_epoch_and_saved_where_it_scores_higher(
-        tmp_path):
+        tmp_path, monkeypatch):
     options = dict(depth=8, dataset="digits", batch_size=32, steps_per_epoch=10,
                    ema_decay=0.9, ema_bn_batches=4, mixed_precision="false",
                    lr_schedule="constant", warmup_epochs=0, verbose="false")
     run = tmp_path / "run"
+    estimates = []
+    estimate = optimization.estimate_bn_statistics
+    monkeypatch.setattr(optimization, "estimate_bn_statistics",
+                        lambda model, batches: estimates.append(1) or estimate(model, batches))
     metrics = pipeline.train(pipeline.TrainConfig(epochs=3, model_dir=str(run), **options))
     assert metrics["ema_bn_batches"] == 4
+    # The average's BN statistics are estimated once an epoch, where it is scored; the best
+    # and the final model reuse that estimate.
+    assert len(estimates) == 3
     history_rows = rows(run)
     assert all(0 <= row["ema_val_accuracy"] <= 1 for row in history_rows)
     last = history_rows[-1]
@@ -520,6 +527,22 @@ def test_bn_statistics_of_the_average_are_estimated_and_swapped_back():
                  if isinstance(layer, keras.layers.BatchNormalization)]
     for a, b in zip(estimated, again, strict=True):
         np.testing.assert_array_equal(a, b)
+    # AverageBNStatistics runs the batches once per step of the average and sets the same
+    # statistics again at that step; after a training step it estimates them anew.
+    shared = optimization.AverageBNStatistics(batches)
+    for _ in range(2):
+        with optimization.swapped_average(model, shared):
+            cached = [layer.moving_mean.numpy() for layer in model.layers
+                      if isinstance(layer, keras.layers.BatchNormalization)]
+        for a, b in zip(estimated, cached, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(first_bn.moving_mean.numpy(), running[0])
+    assert shared.estimates == 1
+    model.fit(x, keras.utils.to_categorical(np.arange(8) % 10, 10), batch_size=4, epochs=1,
+              verbose=0)
+    with optimization.swapped_average(model, shared):
+        stepped = first_bn.moving_mean.numpy()
+    assert shared.estimates == 2 and not np.allclose(stepped, estimated[0])
 
 
 # --------------------------------------------------------------------------- fine-tuning

@@ -26,8 +26,9 @@ class RunMonitor(keras.callbacks.Callback):
     step, after that epoch's validation and checkpoint). ``agree(flag)`` makes every
     worker of a multi-worker run take the same decision (any worker's signal stops all).
     The best model is written by ``save_model(path)``; where the weight average scored
-    higher, with BatchNormalization statistics estimated over ``average_bn`` (batches; None:
-    the running ones), as :class:`AverageScore` scored it.
+    higher, with the BatchNormalization statistics :class:`AverageScore` scored it with
+    (``average_bn``: the same :class:`~keras_resnet.pipeline.optimization.AverageBNStatistics`,
+    which reuses that estimate, or batches; None: the running ones).
 
     ``first_step`` is the step the first epoch of this ``fit`` starts at (a resumed
     mid-epoch checkpoint); that epoch then runs ``steps_per_epoch - first_step`` steps.
@@ -143,9 +144,10 @@ class AverageScore(keras.callbacks.Callback):
 
     It adds ``ema_val_loss``, ``ema_val_accuracy`` (and ``ema_val_top5``) to the epoch's
     logs, so it must come before :class:`RunMonitor`, which records them and saves the
-    better of the two as best.keras. With ``bn_batches`` the average is scored with
-    BatchNormalization statistics estimated over those training batches
-    (:func:`optimization.estimate_bn_statistics`), else with the running ones.
+    better of the two as best.keras. With ``bn_batches`` (training batches or an
+    :class:`optimization.AverageBNStatistics`) the average is scored with BatchNormalization
+    statistics estimated for it (:func:`optimization.estimate_bn_statistics`), else with the
+    running ones.
     """
 
     def __init__(self, val_data, bn_batches=None):

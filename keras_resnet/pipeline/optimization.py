@@ -164,21 +164,57 @@ def estimate_bn_statistics(model: keras.Model, batches) -> None:
         layer.moving_variance.assign(variance / count)
 
 
+class AverageBNStatistics:
+    """The weight average's BatchNormalization statistics over fixed ``batches``, estimated
+    (:func:`estimate_bn_statistics`) once per training step of the average.
+
+    A run scores the average, may save it as its best model and may end with it, all at the
+    same step; pass one of these as ``bn_batches`` to :func:`use_average` or
+    :func:`swapped_average` and the batches are run through the model once per step, the
+    later calls setting the statistics the first one estimated. The average must be in the
+    model's weights when it is applied (as those two functions ensure).
+    """
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.estimates = 0  # how many times the batches were run through a model
+        self._step = None  # (optimizer, step) of the values kept
+        self._values = []
+
+    def apply(self, model: keras.Model) -> None:
+        """Sets the model's BN statistics to the average's at the optimizer's current step."""
+        optimizer = plain_optimizer(model)
+        step = (optimizer, int(keras.ops.convert_to_numpy(optimizer.iterations)))
+        variables = [v for layer in _batch_norms(model)
+                     for v in (layer.moving_mean, layer.moving_variance)]
+        if self._step is not None and self._step[0] is step[0] and self._step[1] == step[1]:
+            for variable, value in zip(variables, self._values, strict=True):
+                variable.assign(value)
+            return
+        estimate_bn_statistics(model, self.batches)
+        self.estimates += 1
+        self._step = step
+        self._values = [keras.ops.convert_to_numpy(v.value) for v in variables]
+
+
 def use_average(model: keras.Model, bn_batches=None) -> None:
     """Replaces the trained weights by their average, for good; with ``bn_batches``, the
-    BatchNormalization statistics are then estimated for the average
-    (:func:`estimate_bn_statistics`)."""
+    BatchNormalization statistics are then estimated for the average over those batches
+    (:func:`estimate_bn_statistics`), or taken from an :class:`AverageBNStatistics`."""
     for variable, average in _average_pairs(model):
         variable.assign(average)
-    if bn_batches is not None:
+    if isinstance(bn_batches, AverageBNStatistics):
+        bn_batches.apply(model)
+    elif bn_batches is not None:
         estimate_bn_statistics(model, bn_batches)
 
 
 @contextlib.contextmanager
 def swapped_average(model: keras.Model, bn_batches=None):
     """The average in the model's weights for the duration of the block (to score or save
-    it), with BatchNormalization statistics estimated over ``bn_batches`` when given; the
-    trained weights and their statistics come back afterwards."""
+    it), with BatchNormalization statistics for it when ``bn_batches`` is given (batches or
+    an :class:`AverageBNStatistics`, as in :func:`use_average`); the trained weights and
+    their statistics come back afterwards."""
     pairs = _average_pairs(model)
     kept = [variable for variable, _ in pairs]
     if bn_batches is not None:

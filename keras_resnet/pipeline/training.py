@@ -211,6 +211,9 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         return x, tf.one_hot(y, num_classes)
 
     val_ds = bundle.val.map(one_hot) if bundle.val is not None else None
+    # One estimate of the average's BN statistics per step, shared by its scoring, the
+    # best model and the final model.
+    average_bn = average_bn_batches(resolved, bundle)
 
     with strategy.scope():
         model = network.build_training_model(resolved, num_classes, policy=policy)
@@ -272,15 +275,17 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
                  chief=chief, phase=index, begin=begin, last=last, steps=steps,
                  first_step=step if begin == done else 0, verbose=verbose, start=start,
                  stop=stop, agree=distribute.agreement(strategy),
-                 save=functools.partial(network.save_model, model, twin))
+                 save=functools.partial(network.save_model, model, twin),
+                 average_bn=average_bn)
         iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
         done = max(done, last)
     _set_trainable(model, False, original, resolved.freeze_bn)
-    return _finish(model, twin, state, resolved, run_dir, start, bundle, chief=chief)
+    return _finish(model, twin, state, resolved, run_dir, start, bundle, chief=chief,
+                   average_bn=average_bn)
 
 
 def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase, begin,
-         last, steps, first_step, verbose, start, stop, agree, save):
+         last, steps, first_step, verbose, start, stop, agree, save, average_bn):
     """Fits epochs ``begin`` to ``last``; a resumed mid-epoch checkpoint (``first_step``
     steps into epoch ``begin``) first finishes that epoch in a ``fit`` of its own."""
     segments = [(begin, begin + 1, first_step)] if first_step else []
@@ -290,7 +295,8 @@ def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, pha
         monitor = _fit_segment(model, resolved, bundle, val_ds, one_hot, state=state,
                                run_dir=run_dir, chief=chief, phase=phase, begin=seg_begin,
                                last=seg_end, steps=steps, first_step=skip, verbose=verbose,
-                               start=start, stop=stop, agree=agree, save=save)
+                               start=start, stop=stop, agree=agree, save=save,
+                               average_bn=average_bn)
         if monitor.bad_step is not None:
             break
     if monitor.bad_step is not None:
@@ -305,28 +311,31 @@ def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, pha
 
 
 def average_bn_batches(resolved, bundle):
-    """The training batches over which the weight average's BatchNormalization statistics
-    are estimated (the first ``ema_bn_batches`` of epoch 1's stream, the same every time);
-    None without an average or with ``ema_bn_batches=0``."""
+    """The weight average's BatchNormalization statistics, estimated over the first
+    ``ema_bn_batches`` training batches of epoch 1's stream (the same every time) at most
+    once per step (an :class:`optimization.AverageBNStatistics`); None without an average or
+    with ``ema_bn_batches=0``."""
     if not (resolved.ema_decay and resolved.ema_bn_batches):
         return None
-    return bundle.epochs(0).take(resolved.ema_bn_batches)
+    return optimization.AverageBNStatistics(
+        bundle.epochs(0).take(resolved.ema_bn_batches))
 
 
 def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase,
-                 begin, last, steps, first_step, verbose, start, stop, agree, save):
+                 begin, last, steps, first_step, verbose, start, stop, agree, save,
+                 average_bn):
     monitor = callbacks.RunMonitor(
         run_dir=run_dir, chief=chief, state=state, phase=phase, save_model=save,
         batch_size=resolved.batch_size, steps_per_epoch=steps,
         keep=resolved.keep_checkpoints, total_epochs=resolved.epochs, start_time=start,
         checkpoint_every=checkpoint_interval(resolved, steps),
         first_step=first_step, stop=stop, agree=agree,
-        average_bn=average_bn_batches(resolved, bundle))
+        average_bn=average_bn)
     # The average's scores go into the epoch's logs before the monitor records them.
     fit_callbacks = [monitor]
     if resolved.ema_decay and val_ds is not None:
         fit_callbacks.insert(0, callbacks.AverageScore(
-            val_ds, average_bn_batches(resolved, bundle)))
+            val_ds, average_bn))
     tensorboard = None
     if chief:
         tensorboard = keras.callbacks.TensorBoard(
@@ -363,7 +372,7 @@ def _restore(model, optimizer, run_dir, state):
                         "the options it was started with, or overwrite=True") from e
 
 
-def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
+def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief, average_bn):
     history = state["history"]
     last = history[-1] if history else {}
     # The final model is the weight average where it scored higher on the last epoch, or
@@ -371,7 +380,7 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief):
     averaged = optimization.has_average(model)
     average = averaged and (callbacks.better_average(last) or last.get("val_accuracy") is None)
     if average:
-        optimization.use_average(model, average_bn_batches(resolved, bundle))
+        optimization.use_average(model, average_bn)
     chosen = "ema_" if average and "ema_val_accuracy" in last else ""
     rates = [row["images_per_sec"] for row in history]
     # The first epoch includes graph tracing; leave it out of the steady-state rate.
