@@ -40,8 +40,7 @@ def qat_run(run_dir):
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, "label_smoothing": 0.1}))
     result = tool_subprocess("qat", f"--model_dir={run_dir}", "--epochs=1",
-                             "--steps_per_epoch=12", "--calibration_steps=8", "--io=float32",
-                             "--agreement_samples=200")
+                             "--steps_per_epoch=12", "--calibration_steps=8", "--io=float32")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result.stdout
 
@@ -58,7 +57,9 @@ def test_qat_writes_models_and_report(qat_run):
     handoff = json.loads((run / "model_int8.json").read_text())
     assert handoff["input"]["shape"] == [1, 32, 32, 3]
     assert handoff["input"]["range"] == [0, 255] and handoff["input"]["color"] == "RGB"
-    assert handoff["validation_images"] == 200
+    # By default the models are scored on the whole validation split (val/: 500 images).
+    assert handoff["validation_images"] == report["eval_images"] == 500
+    assert "top-1 on 500 validation images: float" in stdout
     from keras_resnet.pipeline import metadata, tflite
 
     content = (run / "model_int8.tflite").read_bytes()

@@ -47,8 +47,9 @@ flags.DEFINE_bool("freeze_bn", True, "keep the float run's BN statistics and aff
                   "parameters during fine-tuning.", flag_values=FLAGS)
 flags.DEFINE_string("io", "float32", "input/output type of model_int8.tflite: float32, int8 "
                     "or uint8 (uint8: camera frames go in as they are).", flag_values=FLAGS)
-flags.DEFINE_integer("agreement_samples", 500, "validation images on which the int8 file "
-                     "is compared with the QAT model.", flag_values=FLAGS)
+flags.DEFINE_integer("agreement_samples", None, "validation images on which the float, QAT "
+                     "and int8 models are scored and compared (default: the whole "
+                     "validation split).", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "replace existing model_qat.h5 / model_int8.tflite.",
                   flag_values=FLAGS)
 flags.DEFINE_string("verbose", "auto", "Keras progress bar: auto (on a terminal), true or "

@@ -109,7 +109,7 @@ def _log(message: str) -> None:
 def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str | None = None,
         batch_size: int | None = None, learning_rate: float | None = None,
         steps_per_epoch: int | None = None, calibration_steps: int = 32,
-        freeze_bn: bool = True, io: str = "float32", agreement_samples: int = 500,
+        freeze_bn: bool = True, io: str = "float32", agreement_samples: int | None = None,
         overwrite: bool = False, verbose: str = "auto") -> dict:
     """Quantization-aware training of a run folder, ending in ``model_int8.tflite``.
 
@@ -127,8 +127,9 @@ def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str |
         freeze_bn: keep the float run's BN statistics and affine parameters.
         io: input/output type of model_int8.tflite: float32, int8 or uint8 (camera frames
             go in as they are).
-        agreement_samples: validation images on which the int8 file is compared with the
-            QAT model.
+        agreement_samples: validation images on which the float, QAT and int8 models are
+            scored and the int8 file is compared with the QAT model (default: the whole
+            validation split, as tools/export_tflite.py scores it).
         overwrite: replace existing outputs.
         verbose: Keras progress bar: auto (on a terminal), true or false.
 
@@ -143,7 +144,7 @@ def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str |
     choose("io", io, tflite.IO_TYPES, error=QuantizeError)
     for name, value in (("epochs", epochs), ("calibration_steps", calibration_steps),
                         ("agreement_samples", agreement_samples)):
-        if value < 1:
+        if value is not None and value < 1:
             raise QuantizeError(f"{name}={value} must be at least 1")
     run = rundir.read_run(run_dir)
     check_variant(run.variant)
@@ -171,7 +172,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     if tuple(bundle.class_names) != run.labels:
         raise QuantizeError(f"the classes of {settings['dataset']} differ from the run's "
                             "labels.txt; pass the run's dataset")
-    val_images, val_labels = data.take(bundle.val, agreement_samples)
+    val_images, val_labels = data.take(bundle.val, agreement_samples or bundle.val_size)
     twin, diff = build_twin(run, model, sample=val_images[:32])
     _log(f"tf_keras twin of {run.variant}: weights copied by layer name; max |probability "
          f"difference| vs Keras 3 = {diff:.3g} on {min(32, len(val_images))} images")
