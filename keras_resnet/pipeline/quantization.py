@@ -106,6 +106,28 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def predicted_classes(dataset, limit: int | None, *predict) -> tuple[np.ndarray, list]:
+    """The labels of the first ``limit`` images of a batched ``(images, labels)`` dataset
+    (None: all of them) and the class each ``predict`` (images -> scores) gives them.
+
+    The images go through batch by batch and are not kept, so a whole validation split
+    (ImageNet's too) is scored in the memory of one batch.
+    """
+    labels, classes, count = [], [[] for _ in predict], 0
+    for images, y in dataset:
+        take = len(y) if limit is None else min(len(y), limit - count)
+        if take <= 0:
+            break
+        images = np.asarray(images, dtype="float32")[:take]
+        labels.append(np.asarray(y)[:take])
+        for out, scores in zip(classes, predict, strict=True):
+            out.append(np.argmax(np.asarray(scores(images)), axis=-1))
+        count += take
+    if not labels:
+        return np.zeros((0,), "int64"), [np.zeros((0,), "int64") for _ in predict]
+    return np.concatenate(labels), [np.concatenate(c) for c in classes]
+
+
 def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str | None = None,
         batch_size: int | None = None, learning_rate: float | None = None,
         steps_per_epoch: int | None = None, calibration_steps: int = 32,
@@ -172,19 +194,21 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     if tuple(bundle.class_names) != run.labels:
         raise QuantizeError(f"the classes of {settings['dataset']} differ from the run's "
                             "labels.txt; pass the run's dataset")
-    val_images, val_labels = data.take(bundle.val, agreement_samples or bundle.val_size)
-    twin, diff = build_twin(run, model, sample=val_images[:32])
+    sample = data.take(bundle.val, 32)[0]
+    twin, diff = build_twin(run, model, sample=sample)
     _log(f"tf_keras twin of {run.variant}: weights copied by layer name; max |probability "
-         f"difference| vs Keras 3 = {diff:.3g} on {min(32, len(val_images))} images")
+         f"difference| vs Keras 3 = {diff:.3g} on {len(sample)} images")
 
     if learning_rate is None:
         learning_rate = QAT_LR_SHARE * float(run.config.get("learning_rate") or 0.1)
     label_smoothing = float(run.config.get("label_smoothing") or 0.0)
     qat_model = quantize_model(twin, variant=run.variant)
     used = calibration.calibrate(qat_model, bundle.train, steps=calibration_steps)
-    float_top1 = exporting.top1(np.asarray(model.predict(val_images, verbose=0)), val_labels)
-    before = exporting.top1(qat_model.predict(val_images, verbose=0), val_labels)
-    _log(f"calibrated quantization ranges on {used} batches; top-1 on {len(val_images)} "
+    labels, (float_classes, before_classes) = predicted_classes(
+        bundle.val, agreement_samples, model.predict_on_batch, qat_model.predict_on_batch)
+    float_top1, before = (float(np.mean(c == labels) * 100)
+                          for c in (float_classes, before_classes))
+    _log(f"calibrated quantization ranges on {used} batches; top-1 on {len(labels)} "
          f"validation images: float {float_top1:.2f}%, QAT before fine-tuning {before:.2f}%")
     fit_verbose = {"auto": 1 if sys.stdout.isatty() else 2, "true": 1, "false": 2}.get(
         verbose, 2)
@@ -192,8 +216,6 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
                           learning_rate=learning_rate, freeze_bn=freeze_bn,
                           steps_per_epoch=steps_per_epoch, label_smoothing=label_smoothing,
                           verbose=fit_verbose)
-    qat_logits = qat_model.predict(val_images, verbose=0)
-    after = exporting.top1(qat_logits, val_labels)
 
     calibration.save_qat(qat_model, run.path / rundir.QAT_MODEL)
     content = tflite.convert(qat_model, "qat_int8", io=io)
@@ -201,17 +223,20 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     content = metadata.attach(content, labels=run.labels, variant=run.variant,
                               description=metadata.describe_run(run, "qat_int8"))
     safe_writes.write_bytes_atomic(run.path / rundir.INT8_MODEL, content)
-    int8_logits = LiteRTModel(content, num_threads=2).predict(val_images)
-    int8_top1 = exporting.top1(int8_logits, val_labels)
-    agreement = float(np.mean(int8_logits.argmax(-1) == qat_logits.argmax(-1)) * 100)
+    labels, (qat_classes, int8_classes) = predicted_classes(
+        bundle.val, agreement_samples, qat_model.predict_on_batch,
+        LiteRTModel(content, num_threads=2).predict)
+    after, int8_top1 = (float(np.mean(c == labels) * 100)
+                        for c in (qat_classes, int8_classes))
+    agreement = float(np.mean(int8_classes == qat_classes) * 100)
     handoff = exporting.handoff(content, model_file=rundir.INT8_MODEL, variant=run.variant,
-                                top1=int8_top1, images=len(val_images))
+                                top1=int8_top1, images=len(labels))
     safe_writes.write_json(run.path / "model_int8.json", handoff)
     figures = {
         "variant": run.variant, "twin_max_abs_probability_diff": diff,
         "calibration_batches": used, "epochs": epochs, "learning_rate": learning_rate,
         "label_smoothing": label_smoothing,
-        "freeze_bn": freeze_bn, "io": io, "eval_images": len(val_images),
+        "freeze_bn": freeze_bn, "io": io, "eval_images": len(labels),
         "float_top1": float_top1, "qat_top1_before_fine_tuning": before,
         "qat_top1": after, "int8_top1": int8_top1,
         "int8_vs_qat_top1_agreement": agreement,
@@ -219,7 +244,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
         "wall_time_s": time.perf_counter() - start,
     }
     safe_writes.write_json(run.path / rundir.QAT_REPORT, figures)
-    _log(f"top-1 on {len(val_images)} validation images: float {float_top1:.2f}%, QAT "
+    _log(f"top-1 on {len(labels)} validation images: float {float_top1:.2f}%, QAT "
          f"{after:.2f}%, int8 TFLite {int8_top1:.2f}% (int8 agrees with QAT on "
          f"{agreement:.1f}%)")
     _log(f"op audit: builtin ops only, every conv/FC in int8 ({report.summary()})")
