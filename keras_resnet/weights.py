@@ -56,7 +56,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet20_cifar10.json")},
     "resnet32": {"cifar10": Pretrained(
         file="resnet32_cifar10.h5",
-        sha256="1d5fa4e2a29f616692ae398e3d6c783272db5a9f046c0b4074d9bd8ccd38dc07",
+        sha256="ca8fe3045ced6057e7e167e759e7f855cc404009479d8cc86b02b268ccd7777a",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet32_cifar10.json")},
     "resnet44": {"cifar10": Pretrained(
         file="resnet44_cifar10.h5",
