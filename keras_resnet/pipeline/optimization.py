@@ -178,22 +178,22 @@ class AverageBNStatistics:
     def __init__(self, batches):
         self.batches = batches
         self.estimates = 0  # how many times the batches were run through a model
-        self._step = None  # (optimizer, step) of the values kept
+        self._optimizer = self._step = None  # of the values kept
         self._values = []
 
     def apply(self, model: keras.Model) -> None:
         """Sets the model's BN statistics to the average's at the optimizer's current step."""
         optimizer = plain_optimizer(model)
-        step = (optimizer, int(keras.ops.convert_to_numpy(optimizer.iterations)))
+        step = int(keras.ops.convert_to_numpy(optimizer.iterations))
         variables = [v for layer in _batch_norms(model)
                      for v in (layer.moving_mean, layer.moving_variance)]
-        if self._step is not None and self._step[0] is step[0] and self._step[1] == step[1]:
+        if optimizer is self._optimizer and step == self._step:
             for variable, value in zip(variables, self._values, strict=True):
                 variable.assign(value)
             return
         estimate_bn_statistics(model, self.batches)
         self.estimates += 1
-        self._step = step
+        self._optimizer, self._step = optimizer, step
         self._values = [keras.ops.convert_to_numpy(v.value) for v in variables]
 
 
