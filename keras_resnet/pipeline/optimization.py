@@ -127,6 +127,12 @@ def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
             if isinstance(layer, keras.layers.BatchNormalization)]
 
 
+def _moving_statistics(model: keras.Model) -> list:
+    """Each BatchNormalization layer's moving mean and moving variance, in layer order."""
+    return [v for layer in _batch_norms(model)
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+
 def estimate_bn_statistics(model: keras.Model, batches) -> None:
     """Sets each BatchNormalization layer's moving mean and variance to the mean, over
     ``batches`` (an iterable of ``(images, labels)``), of the per-channel mean and variance
@@ -185,8 +191,7 @@ class AverageBNStatistics:
         """Sets the model's BN statistics to the average's at the optimizer's current step."""
         optimizer = plain_optimizer(model)
         step = int(keras.ops.convert_to_numpy(optimizer.iterations))
-        variables = [v for layer in _batch_norms(model)
-                     for v in (layer.moving_mean, layer.moving_variance)]
+        variables = _moving_statistics(model)
         if optimizer is self._optimizer and step == self._step:
             for variable, value in zip(variables, self._values, strict=True):
                 variable.assign(value)
@@ -218,8 +223,7 @@ def swapped_average(model: keras.Model, bn_batches=None):
     pairs = _average_pairs(model)
     kept = [variable for variable, _ in pairs]
     if bn_batches is not None:
-        kept += [v for layer in _batch_norms(model)
-                 for v in (layer.moving_mean, layer.moving_variance)]
+        kept += _moving_statistics(model)
     values = [keras.ops.convert_to_numpy(v.value) for v in kept]
     try:
         use_average(model, bn_batches)
