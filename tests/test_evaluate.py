@@ -290,3 +290,44 @@ def test_a_real_missing_library_in_a_fresh_process(exported):
     """, str(exported["float32"]), timeout=300)
     assert f"error: {EGL_LINE}\nstatus 2\n" in out
     assert "labels (['labels.txt']): airplane, automobile" in out and out.endswith("status 0\n")
+
+
+def test_predict_batches_streams_the_first_images_of_a_dataset():
+    """Export and QAT score their models batch by batch: the first ``limit`` images (None:
+    all), each predictor's classes in dataset order, the labels beside them, and the score
+    rows of the first ``keep`` images only."""
+    from keras_resnet.pipeline.evaluation import predict_batches
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.uniform(0, 255, (n, 4, 4, 3)).astype("float32"),
+                rng.integers(0, 3, n)) for n in (4, 4, 3)]
+    seen = []
+
+    def by_mean(images):
+        seen.append(len(images))
+        return np.stack([images.mean((1, 2, 3)), 128 * np.ones(len(images)),
+                         images[:, 0, 0, 0]], axis=-1)
+
+    def first(images):
+        return np.eye(3)[np.zeros(len(images), int)]
+
+    every = np.concatenate([by_mean(x) for x, _ in batches])
+    want, labels = np.argmax(every, -1), np.concatenate([y for _, y in batches])
+    seen.clear()
+    got = predict_batches(batches, None, by_mean, first, keep=6)
+    np.testing.assert_array_equal(got.labels, labels)
+    np.testing.assert_array_equal(got.classes[0], want)
+    np.testing.assert_array_equal(got.classes[1], np.zeros(11, int))
+    np.testing.assert_allclose(got.scores[0], every[:6], rtol=1e-6)
+    assert got.scores[1].shape == (6, 3)
+    assert got.top1(0) == pytest.approx(np.mean(want == labels) * 100)
+    assert got.top1(1) == pytest.approx(np.mean(labels == 0) * 100)
+    assert seen == [4, 4, 3]
+    seen.clear()
+    got = predict_batches(batches, 6, by_mean)
+    np.testing.assert_array_equal(got.labels, labels[:6])
+    np.testing.assert_array_equal(got.classes[0], want[:6])
+    assert got.scores[0].shape[0] == 0  # keep=0: no score rows are held
+    assert seen == [4, 2]  # the third batch is never read through a model
+    got = predict_batches([], None, by_mean)
+    assert got.labels.shape == got.classes[0].shape == (0,) and got.top1() == 0.0

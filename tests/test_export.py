@@ -155,6 +155,9 @@ def test_cli_exports_verifies_and_hands_off(run_copy, capsys):
     summary = json.loads((run_copy / "export.json").read_text())
     float_row = next(r for r in summary["rows"] if r["name"].startswith("float32"))
     assert float_row["max_diff"] <= 1e-5 and float_row["top1_change"] == 0.0
+    # The files are scored batch by batch on the first 200 validation images.
+    assert summary["eval_images"] == 200
+    assert summary["keras_top1"] == pytest.approx(_keras_top1(run_copy, 200), abs=0.5)
     assert handoff["validation_images"] == 200 and "softmax" in handoff["output"]["meaning"]
     labels = (run_copy / "labels.txt").read_text().split()
     for mode in ("float32", "float16", "dynamic", "ptq_int8"):
@@ -175,6 +178,20 @@ def test_cli_exports_verifies_and_hands_off(run_copy, capsys):
     # Exporting again refuses to replace the files.
     err = tool_error(capsys, "export_tflite", f"--model_dir={run_copy}", "--modes=float32")
     assert "model_float32.tflite already exists; pass --overwrite" in err
+
+
+def _keras_top1(run, images: int) -> float:
+    """Top-1 (%) of the run's Keras model on its first validation images, in one batch."""
+    import keras
+
+    from keras_resnet.pipeline import data
+
+    config = json.loads((run / "config.json").read_text())
+    val = data.eval_data("folder", config["data_dir"], "val", 32, 64,
+                         val_fraction=config["val_fraction"], seed=config["seed"])
+    x, y = data.take(val.dataset, images)
+    model = keras.saving.load_model(run / "model.keras")
+    return float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y) * 100)
 
 
 def test_cli_fails_when_int8_accuracy_drops(run_copy, capsys):
@@ -232,6 +249,8 @@ def test_cli_bad_inputs(run_copy, tmp_path, capsys):
                     f"--data_dir={empty}")
     assert "no training images for the representative dataset" in err
 
+    assert "parity_samples=0 must be at least 1" in _error_of(
+        capsys, f"--model_dir={run_copy}", "--modes=float32", "--parity_samples=0")
     err = _error_of(capsys, f"--model_dir={run_copy}", "--modes=ptq_int8",
                     "--representative_samples=0", "--eval_samples=8")
     assert "full-integer quantization needs calibration images" in err

@@ -69,40 +69,6 @@ def test_qat_writes_models_and_report(qat_run):
     assert "quantization-aware-trained int8" in found["metadata"]["description"]
 
 
-def test_predicted_classes_streams_the_first_images_of_a_dataset():
-    """QAT scores its models batch by batch: the first ``limit`` images (None: all), each
-    predictor's classes in dataset order, the labels beside them."""
-    from keras_resnet.pipeline.quantization import predicted_classes
-
-    rng = np.random.default_rng(0)
-    batches = [(rng.uniform(0, 255, (n, 4, 4, 3)).astype("float32"),
-                rng.integers(0, 3, n)) for n in (4, 4, 3)]
-    seen = []
-
-    def by_mean(images):
-        seen.append(len(images))
-        return np.stack([images.mean((1, 2, 3)), 128 * np.ones(len(images)),
-                         images[:, 0, 0, 0]], axis=-1)
-
-    def first(images):
-        return np.eye(3)[np.zeros(len(images), int)]
-
-    want = np.concatenate([np.argmax(by_mean(x), -1) for x, _ in batches])
-    seen.clear()
-    labels, (a, b) = predicted_classes(batches, None, by_mean, first)
-    np.testing.assert_array_equal(labels, np.concatenate([y for _, y in batches]))
-    np.testing.assert_array_equal(a, want)
-    np.testing.assert_array_equal(b, np.zeros(11, int))
-    assert seen == [4, 4, 3]
-    seen.clear()
-    labels, (a,) = predicted_classes(batches, 6, by_mean)
-    np.testing.assert_array_equal(labels, np.concatenate([y for _, y in batches])[:6])
-    np.testing.assert_array_equal(a, want[:6])
-    assert seen == [4, 2]  # the third batch is never read through a model
-    labels, (a,) = predicted_classes([], None, by_mean)
-    assert labels.shape == a.shape == (0,)
-
-
 def test_int8_agrees_with_qat_model_and_frozen_layers_stay_frozen(qat_run, cifar_small):
     run, _ = qat_run
     out = python_subprocess("""

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -97,6 +98,53 @@ def probabilities(scores: np.ndarray) -> np.ndarray:
     if scores.size and scores.min() >= 0 and np.allclose(scores.sum(-1), 1, atol=0.02):
         return scores
     return softmax(scores)
+
+
+@dataclasses.dataclass
+class Predictions:
+    """What :func:`predict_batches` keeps of one pass over a dataset."""
+
+    labels: np.ndarray  # (n,) the images' labels, in dataset order
+    classes: list[np.ndarray]  # per predictor: (n,) the top-1 class of each image
+    scores: list[np.ndarray]  # per predictor: the scores of the first ``keep`` images
+
+    def top1(self, index: int = 0) -> float:
+        """Top-1 accuracy (%) of predictor ``index``; 0.0 on no images."""
+        if not len(self.labels):
+            return 0.0
+        return float(np.mean(self.classes[index] == self.labels) * 100.0)
+
+
+def predict_batches(dataset, limit: int | None, *predict, keep: int = 0) -> Predictions:
+    """Runs each ``predict`` (float32 images -> scores) over the first ``limit`` images of a
+    batched ``(images, labels)`` dataset (None: all of them).
+
+    The images go through batch by batch and are not kept, so a whole validation split
+    (ImageNet's too) is scored in the memory of one batch. Only the classes, and the score
+    rows of the first ``keep`` images, stay.
+    """
+    labels, count = [], 0
+    classes = [[] for _ in predict]
+    kept = [[] for _ in predict]
+    for images, y in dataset:
+        take = len(y) if limit is None else min(len(y), limit - count)
+        if take <= 0:
+            break
+        images = np.asarray(images, dtype="float32")[:take]
+        labels.append(np.asarray(y)[:take])
+        for fn, out, rows in zip(predict, classes, kept, strict=True):
+            scores = np.asarray(fn(images), dtype="float32")
+            out.append(np.argmax(scores, axis=-1))
+            if count < keep:
+                rows.append(scores[:keep - count])
+        count += take
+    if not labels:
+        empty = np.zeros((0,), "int64")
+        return Predictions(empty, [empty for _ in predict],
+                           [np.zeros((0, 0), "float32") for _ in predict])
+    return Predictions(np.concatenate(labels), [np.concatenate(c) for c in classes],
+                       [np.concatenate(r) if r else np.zeros((0, 0), "float32")
+                        for r in kept])
 
 
 def score(predictor, split: data.EvalData, *, labels=None, tta: str = "none") -> dict[str, Any]:

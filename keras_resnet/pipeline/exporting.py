@@ -37,6 +37,7 @@ import numpy as np
 
 from keras_resnet.pipeline import data, metadata, rundir, safe_writes, tflite
 from keras_resnet.pipeline.errors import DataError, ExportError, choose
+from keras_resnet.pipeline.evaluation import Predictions, predict_batches
 from keras_resnet.pipeline.litert import LiteRTModel
 
 
@@ -53,11 +54,6 @@ class Row:
     latency_1: float
     latency_2: float
     int8: bool = False
-
-
-def top1(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in percent."""
-    return float(np.mean(np.argmax(scores, axis=-1) == labels) * 100.0)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -80,31 +76,38 @@ def with_softmax(model):
     return keras.Model(model.inputs, probabilities, name=model.name)
 
 
-def verify(content: bytes, *, name: str, images: np.ndarray, labels: np.ndarray,
-           reference: np.ndarray, reference_top1: float, int8: bool,
-           parity_samples: int = 100, latency_runs: int = 50) -> Row:
+def verify(content: bytes, *, name: str, dataset, reference: Predictions, int8: bool,
+           limit: int | None = None, parity_samples: int = 100,
+           latency_runs: int = 50) -> Row:
     """Audits a file and measures it on the LiteRT runtime against the Keras float model.
 
     Args:
         content: the flatbuffer.
         name: its label in the table.
-        images: validation images (float32 raw pixels).
-        labels: their integer labels.
-        reference: the Keras float model's probabilities on ``images``.
-        reference_top1: the Keras float model's top-1 (%) on ``images``.
+        dataset: batched ``(images, labels)`` validation data (float32 raw pixels), read
+            batch by batch.
+        reference: the Keras float model's :class:`~keras_resnet.pipeline.evaluation.
+            Predictions` on the same images, keeping the probabilities of the first
+            ``parity_samples``.
         int8: audit as an int8 file.
+        limit: images of ``dataset`` to score (None: all).
         parity_samples: images on which score differences are measured.
         latency_runs: timed single-image invocations per thread count.
     """
     tflite.audit(content, int8=int8, name=name)
-    scores = LiteRTModel(content, num_threads=2).predict(images)
-    accuracy = top1(scores, labels)
-    n = min(parity_samples, len(images))
-    diff = np.abs(scores[:n] - reference[:n])
-    latencies = [LiteRTModel(content, num_threads=t).latency_ms(images[0], runs=latency_runs)
+    got = predict_batches(dataset, limit, LiteRTModel(content, num_threads=2).predict,
+                          keep=parity_samples)
+    if not np.array_equal(got.labels, reference.labels):
+        raise ExportError("the validation data changed between two passes; export needs a "
+                          "deterministic validation pipeline")
+    n = min(parity_samples, len(got.labels))
+    diff = np.abs(got.scores[0][:n] - reference.scores[0][:n])
+    image = data.take(dataset, 1)[0][0]
+    latencies = [LiteRTModel(content, num_threads=t).latency_ms(image, runs=latency_runs)
                  for t in (1, 2)]
+    accuracy = got.top1()
     return Row(name=name, size=len(content), top1=accuracy,
-               top1_change=accuracy - reference_top1, max_diff=float(diff.max()),
+               top1_change=accuracy - reference.top1(), max_diff=float(diff.max()),
                mean_diff=float(diff.mean()), latency_1=latencies[0], latency_2=latencies[1],
                int8=int8)
 
@@ -224,7 +227,7 @@ def export(run_dir, modes: Sequence[str] = ("all",), *, io: str = "float32",
     run = rundir.read_run(run_dir)
     modes, notes = _modes(run, modes)
     for name, value, low in (("eval_samples", eval_samples, 0),
-                             ("parity_samples", parity_samples, 0),
+                             ("parity_samples", parity_samples, 1),
                              ("latency_runs", latency_runs, 1)):
         if value < low:
             raise ExportError(f"{name}={value} must be at least {low}")
@@ -270,12 +273,15 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
         representative = data.take(train.dataset, representative_samples)[0]
     val = data.eval_data(settings["dataset"], settings["data_dir"], "val",
                          settings["image_size"], settings["batch_size"], **common)
-    images, labels = data.take(val.dataset, eval_samples or val.size)
-    if not len(images):
+    limit = eval_samples or None
+    reference = predict_batches(val.dataset, limit,
+                                lambda x: softmax(model.predict_on_batch(x)),
+                                keep=parity_samples)
+    images = len(reference.labels)
+    if not images:
         raise ExportError(f"the validation split of {settings['dataset']} is empty")
-    keras_scores = softmax(model.predict(images, verbose=0))
-    keras_top1 = top1(keras_scores, labels)
-    _log(f"Keras float top-1 on {len(images)} validation images: {keras_top1:.2f}%")
+    keras_top1 = reference.top1()
+    _log(f"Keras float top-1 on {images} validation images: {keras_top1:.2f}%")
     for note in notes:
         _log(note)
 
@@ -299,24 +305,24 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
                                       description=metadata.describe_run(run, mode))
             safe_writes.write_bytes_atomic(path, content)
             origin = f"converted in {time.perf_counter() - start:.0f} s"
-        row = verify(content, name=f"{mode} ({path.name})", images=images, labels=labels,
-                     reference=keras_scores, reference_top1=keras_top1, int8=int8,
+        row = verify(content, name=f"{mode} ({path.name})", dataset=val.dataset,
+                     reference=reference, int8=int8, limit=limit,
                      parity_samples=parity_samples, latency_runs=latency_runs)
         rows.append(row)
         _log(f"{path.name}: {origin}; audit passed ({tflite.inspect(content).summary()})")
         sidecar = path.with_suffix(".json")
         safe_writes.write_json(sidecar, handoff(content, model_file=path.name,
                                                 variant=run.variant, top1=row.top1,
-                                                images=len(images)))
+                                                images=images))
         sidecars[mode] = sidecar.name
 
     keras_size = (run.path / rundir.MODEL).stat().st_size
     table = format_table(rows, keras_top1=keras_top1, keras_size=keras_size,
-                         samples=len(images), parity_samples=parity_samples)
+                         samples=images, parity_samples=parity_samples)
     _log("")
     _log(table)
     failed = [r.name for r in rows if r.int8 and -r.top1_change > max_accuracy_drop]
-    report = {"keras_top1": keras_top1, "eval_images": len(images), "io": io,
+    report = {"keras_top1": keras_top1, "eval_images": images, "io": io,
               "rows": [dataclasses.asdict(r) for r in rows], "handoff": sidecars,
               "max_accuracy_drop": max_accuracy_drop, "failed": failed}
     safe_writes.write_json(run.path / rundir.EXPORT_REPORT, report)

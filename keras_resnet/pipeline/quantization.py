@@ -28,6 +28,7 @@ import numpy as np
 from keras_resnet.pipeline import (
     calibration,
     data,
+    evaluation,
     exporting,
     metadata,
     rundir,
@@ -106,28 +107,6 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def predicted_classes(dataset, limit: int | None, *predict) -> tuple[np.ndarray, list]:
-    """The labels of the first ``limit`` images of a batched ``(images, labels)`` dataset
-    (None: all of them) and the class each ``predict`` (images -> scores) gives them.
-
-    The images go through batch by batch and are not kept, so a whole validation split
-    (ImageNet's too) is scored in the memory of one batch.
-    """
-    labels, classes, count = [], [[] for _ in predict], 0
-    for images, y in dataset:
-        take = len(y) if limit is None else min(len(y), limit - count)
-        if take <= 0:
-            break
-        images = np.asarray(images, dtype="float32")[:take]
-        labels.append(np.asarray(y)[:take])
-        for out, scores in zip(classes, predict, strict=True):
-            out.append(np.argmax(np.asarray(scores(images)), axis=-1))
-        count += take
-    if not labels:
-        return np.zeros((0,), "int64"), [np.zeros((0,), "int64") for _ in predict]
-    return np.concatenate(labels), [np.concatenate(c) for c in classes]
-
-
 def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str | None = None,
         batch_size: int | None = None, learning_rate: float | None = None,
         steps_per_epoch: int | None = None, calibration_steps: int = 32,
@@ -204,10 +183,9 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     label_smoothing = float(run.config.get("label_smoothing") or 0.0)
     qat_model = quantize_model(twin, variant=run.variant)
     used = calibration.calibrate(qat_model, bundle.train, steps=calibration_steps)
-    labels, (float_classes, before_classes) = predicted_classes(
-        bundle.val, agreement_samples, model.predict_on_batch, qat_model.predict_on_batch)
-    float_top1, before = (float(np.mean(c == labels) * 100)
-                          for c in (float_classes, before_classes))
+    scored = evaluation.predict_batches(bundle.val, agreement_samples,
+                                        model.predict_on_batch, qat_model.predict_on_batch)
+    labels, float_top1, before = scored.labels, scored.top1(0), scored.top1(1)
     _log(f"calibrated quantization ranges on {used} batches; top-1 on {len(labels)} "
          f"validation images: float {float_top1:.2f}%, QAT before fine-tuning {before:.2f}%")
     fit_verbose = {"auto": 1 if sys.stdout.isatty() else 2, "true": 1, "false": 2}.get(
@@ -223,11 +201,11 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     content = metadata.attach(content, labels=run.labels, variant=run.variant,
                               description=metadata.describe_run(run, "qat_int8"))
     safe_writes.write_bytes_atomic(run.path / rundir.INT8_MODEL, content)
-    labels, (qat_classes, int8_classes) = predicted_classes(
-        bundle.val, agreement_samples, qat_model.predict_on_batch,
-        LiteRTModel(content, num_threads=2).predict)
-    after, int8_top1 = (float(np.mean(c == labels) * 100)
-                        for c in (qat_classes, int8_classes))
+    scored = evaluation.predict_batches(bundle.val, agreement_samples,
+                                        qat_model.predict_on_batch,
+                                        LiteRTModel(content, num_threads=2).predict)
+    labels, after, int8_top1 = scored.labels, scored.top1(0), scored.top1(1)
+    qat_classes, int8_classes = scored.classes
     agreement = float(np.mean(int8_classes == qat_classes) * 100)
     handoff = exporting.handoff(content, model_file=rundir.INT8_MODEL, variant=run.variant,
                                 top1=int8_top1, images=len(labels))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_resnet.pipeline import data, rundir, safe_writes
+from keras_resnet.pipeline import data, evaluation, rundir, safe_writes
 from keras_resnet.pipeline.errors import UserError
 
 DTYPES = ("auto", "float16", "float32")
@@ -76,13 +76,13 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
     val = data.eval_data(settings["dataset"], settings["data_dir"], "val", size, 250,
                          val_fraction=settings["val_fraction"], seed=settings["seed"],
                          num_classes=settings["num_classes"])
-    images, labels = data.take(val.dataset, val.size)
-    want = np.asarray(net.predict(images, verbose=0)).argmax(-1)
+    first = evaluation.predict_batches(val.dataset, None, net.predict_on_batch)
+    labels, want = first.labels, first.classes[0]
     for candidate in (("float16", "float32") if dtype == "auto" else (dtype,)):
         sha256 = weights_lib.save_by_name(net, tmp, dtype=candidate)
         stored = build()
         weights_lib.load_h5_by_name(stored, tmp)
-        got = np.asarray(stored.predict(images, verbose=0)).argmax(-1)
+        got = evaluation.predict_batches(val.dataset, None, stored.predict_on_batch).classes[0]
         changed = int(np.sum(want != got))
         top1 = float(np.mean(want == labels)), float(np.mean(got == labels))
         if abs(top1[1] - top1[0]) <= MAX_STORAGE_CHANGE:
@@ -109,7 +109,7 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
             "fused_batch_norm_resolved", "cpu", "cpus", "cpu_bf16_flags")},
             "wall_time_s": metrics.get("wall_time_s")},
         "command": command,
-        "validation": {"images": len(images), "top1_float32": top1[0],
+        "validation": {"images": len(labels), "top1_float32": top1[0],
                        "top1_stored": top1[1], "predictions_changed_by_storage": changed},
         "accuracy": {"float": _stored_accuracy(stored, val, path), **accuracy(run)},
         "tflite": [{k: row[k] for k in ("name", "size", "top1")}
@@ -128,11 +128,9 @@ INT8_FILES = {"qat_int8": rundir.INT8_MODEL, "ptq_int8": "model_ptq_int8.tflite"
 
 def _stored_accuracy(stored, val, path) -> dict:
     """Validation top-1 (plain and with flip TTA) of the shipped weights themselves."""
-    from keras_resnet.pipeline.evaluation import KerasPredictor, score
-
-    predictor = KerasPredictor(model=stored)
+    predictor = evaluation.KerasPredictor(model=stored)
     return {"file": path.name, "bytes": path.stat().st_size,
-            **{key: score(predictor, val, tta=tta)["top1"]
+            **{key: evaluation.score(predictor, val, tta=tta)["top1"]
                for key, tta in (("top1", "none"), ("top1_flip", "flip"))}}
 
 
@@ -142,14 +140,12 @@ def accuracy(run: rundir.Run) -> dict:
     Files the run lacks are left out (run tools/qat.py and tools/export_tflite.py
     --modes=ptq_int8 first to have them measured).
     """
-    from keras_resnet.pipeline.evaluation import evaluate
-
     out = {}
     for key, name in INT8_FILES.items():
         path = run.path / name
         if not path.is_file():
             continue
-        scores = {tta: evaluate(path, split="val", tta=tta)["top1"]
+        scores = {tta: evaluation.evaluate(path, split="val", tta=tta)["top1"]
                   for tta in ("none", "flip")}
         out[key] = {"file": name, "bytes": path.stat().st_size, "top1": scores["none"],
                     "top1_flip": scores["flip"]}
