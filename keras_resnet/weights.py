@@ -56,7 +56,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet20_cifar10.json")},
     "resnet32": {"cifar10": Pretrained(
         file="resnet32_cifar10.h5",
-        sha256="ca8fe3045ced6057e7e167e759e7f855cc404009479d8cc86b02b268ccd7777a",
+        sha256="824b09f662ae910fd50f504c4a2eb393065e8acdbbc89a4cf12fb4f1c8c31158",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet32_cifar10.json")},
     "resnet44": {"cifar10": Pretrained(
         file="resnet44_cifar10.h5",
