@@ -77,7 +77,7 @@ def with_softmax(model):
 
 
 def verify(content: bytes, *, name: str, dataset, reference: Predictions, int8: bool,
-           limit: int | None = None, parity_samples: int = 100,
+           latency_image: np.ndarray, limit: int | None = None, parity_samples: int = 100,
            latency_runs: int = 50) -> Row:
     """Audits a file and measures it on the LiteRT runtime against the Keras float model.
 
@@ -90,6 +90,7 @@ def verify(content: bytes, *, name: str, dataset, reference: Predictions, int8: 
             Predictions` on the same images, keeping the probabilities of the first
             ``parity_samples``.
         int8: audit as an int8 file.
+        latency_image: the image (float32 raw pixels) timed for latency.
         limit: images of ``dataset`` to score (None: all).
         parity_samples: images on which score differences are measured.
         latency_runs: timed single-image invocations per thread count.
@@ -102,8 +103,8 @@ def verify(content: bytes, *, name: str, dataset, reference: Predictions, int8: 
                           "deterministic validation pipeline")
     n = min(parity_samples, len(got.labels))
     diff = np.abs(got.scores[0][:n] - reference.scores[0][:n])
-    image = data.take(dataset, 1)[0][0]
-    latencies = [LiteRTModel(content, num_threads=t).latency_ms(image, runs=latency_runs)
+    latencies = [LiteRTModel(content, num_threads=t).latency_ms(latency_image,
+                                                                runs=latency_runs)
                  for t in (1, 2)]
     accuracy = got.top1()
     return Row(name=name, size=len(content), top1=accuracy,
@@ -281,6 +282,7 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
     if not images:
         raise ExportError(f"the validation split of {settings['dataset']} is empty")
     keras_top1 = reference.top1()
+    latency_image = data.take(val.dataset, 1)[0][0]
     _log(f"Keras float top-1 on {images} validation images: {keras_top1:.2f}%")
     for note in notes:
         _log(note)
@@ -306,7 +308,8 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
             safe_writes.write_bytes_atomic(path, content)
             origin = f"converted in {time.perf_counter() - start:.0f} s"
         row = verify(content, name=f"{mode} ({path.name})", dataset=val.dataset,
-                     reference=reference, int8=int8, limit=limit,
+                     reference=reference, int8=int8, latency_image=latency_image,
+                     limit=limit,
                      parity_samples=parity_samples, latency_runs=latency_runs)
         rows.append(row)
         _log(f"{path.name}: {origin}; audit passed ({tflite.inspect(content).summary()})")
