@@ -60,7 +60,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet32_cifar10.json")},
     "resnet44": {"cifar10": Pretrained(
         file="resnet44_cifar10.h5",
-        sha256="11ca72b82909782f301b49bd8ebb3fa674f720778b1cfe9b6618955f8b2dc7be",
+        sha256="a793e358d59ecaf7cbb27f7aeb768cf1241ae028b14085d73f0f18340b17c2e5",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
     "resnet56": {"cifar10": Pretrained(
         file="resnet56_cifar10.h5",
