@@ -64,7 +64,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
     "resnet56": {"cifar10": Pretrained(
         file="resnet56_cifar10.h5",
-        sha256="70ec25197fbf549c895d2375f54de55afd3f15be22905aea18430bb49764acb5",
+        sha256="4007e865e7c2d5b7ecdd39338cb9ae971b053a9fa711e0845c33ec25f6d584ce",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet56_cifar10.json")},
 }
 
