@@ -42,6 +42,14 @@ def test_ship_writes_the_file_and_a_card_with_every_figure(exported_run, tmp_pat
         assert 0 <= figures["top1"] <= 1 and 0 <= figures["top1_flip"] <= 1
         assert figures["bytes"] > 0
     assert card["training"]["cpu"] is None or isinstance(card["training"]["cpu"], str)
+    # the export's files in the card's units: the PTQ row is the same file, scored on the
+    # export's --eval_samples=100 images, its top-1 a fraction of them (not percent)
+    (row,) = card["tflite"]
+    assert row["name"].startswith("ptq_int8")
+    assert row["images"] == min(100, v["images"])
+    assert row["bytes"] == accuracy["ptq_int8"]["bytes"]
+    correct = row["top1"] * row["images"]
+    assert 0 <= row["top1"] <= 1 and correct == pytest.approx(round(correct), abs=1e-4)
     assert json.loads((tmp_path / "resnet8_cifar10.json").read_text()) == card
 
     # registered, the file loads and the registry reads the card

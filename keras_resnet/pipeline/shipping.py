@@ -112,14 +112,25 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
         "validation": {"images": len(labels), "top1_float32": top1[0],
                        "top1_stored": top1[1], "predictions_changed_by_storage": changed},
         "accuracy": {"float": _stored_accuracy(stored, val, path), **accuracy(run)},
-        "tflite": [{k: row[k] for k in ("name", "size", "top1")}
-                   for row in (export or {}).get("rows", [])],
+        "tflite": export_rows(export),
         "metrics": metrics or None,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "versions": config.get("versions"), "keras": keras.__version__,
     }
     safe_writes.write_json(out_dir / f"{run.variant}_{name}.json", card)
     return card
+
+
+def export_rows(export: dict | None) -> list[dict]:
+    """tools/export_tflite.py's files in the card's units: bytes and top-1 as a fraction.
+
+    The export report gives top-1 in percent; ``images`` is how many validation images
+    scored it (all of them unless the export ran with --eval_samples).
+    """
+    if not export:
+        return []
+    return [{"name": row["name"], "bytes": row["size"], "top1": round(row["top1"] / 100, 6),
+             "images": export.get("eval_images")} for row in export.get("rows", [])]
 
 
 # The int8 files the normal tools write, which the card measures beside the shipped weights.
