@@ -175,10 +175,11 @@ def shipped_weights() -> list[dict]:
 
     Each record names the ``variant`` and the ``weights`` value that loads it, the
     dataset and classes, the file (name, sha256, bytes, storage dtype), how it was trained
-    (recipe, epochs, training images, the command, seconds and CPU) and ``top1``: the
-    validation top-1 of the float model and of its QAT and PTQ int8 ``.tflite`` files, each
-    plain and with flip test-time augmentation (``"float"``, ``"float_flip"``,
-    ``"qat_int8"``, ...; None where not measured).
+    (recipe, ``recipe_changes``: the options that differ from the recipe, epochs, training
+    images, the command, seconds and CPU) and ``top1``: the validation top-1 of the float
+    model and of its QAT and PTQ int8 ``.tflite`` files, each plain and with flip
+    test-time augmentation (``"float"``, ``"float_flip"``, ``"qat_int8"``, ...; None where
+    not measured).
 
     Example:
         >>> [(w["variant"], w["top1"]["float"]) for w in keras_resnet.shipped_weights()]
@@ -198,6 +199,7 @@ def shipped_weights() -> list[dict]:
                 "classes": entry.classes, "image_size": entry.image_size,
                 "file": entry.file, "sha256": entry.sha256, "bytes": card.get("bytes"),
                 "dtype": card.get("dtype"), "recipe": training.get("recipe"),
+                "recipe_changes": training.get("recipe_changes"),
                 "epochs": training.get("epochs"), "train_images": training.get(
                     "train_images"), "command": card.get("command"),
                 "training_time_s": training.get("wall_time_s"), "cpu": training.get("cpu"),

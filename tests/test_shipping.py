@@ -27,8 +27,13 @@ def exported_run(cifar_run_template, tmp_path_factory):
 
 def test_ship_writes_the_file_and_a_card_with_every_figure(exported_run, tmp_path,
                                                            monkeypatch):
-    card = shipping.ship(exported_run, name="cifar10", out_dir=tmp_path,
+    # a run of the fast recipe at its own learning rate (the template's 0.05)
+    run = copy_run(exported_run, tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "recipe": "fast", "epochs": 1}))
+    card = shipping.ship(run, name="cifar10", out_dir=tmp_path,
                          command="python tools/train.py --depth=8")
+    assert card["training"]["recipe_changes"] == {"learning_rate": 0.05}
     path = tmp_path / "resnet8_cifar10.h5"
     assert card["file"] == path.name and card["bytes"] == path.stat().st_size
     assert card["dtype"] == "float16"  # top-1 moved by at most 0.05 point
@@ -68,7 +73,10 @@ def test_ship_writes_the_file_and_a_card_with_every_figure(exported_run, tmp_pat
     assert np.isclose(model.predict_on_batch(x).sum(), 1.0, atol=1e-5)
     import model_table  # tools/model_table.py
 
-    assert "| `resnet8` | `cifar10` |" in model_table.weights_table()
+    assert record["recipe_changes"] == {"learning_rate": 0.05}
+    row = next(line for line in model_table.weights_table().splitlines()
+               if line.startswith("| `resnet8` | `cifar10` |"))
+    assert "| `fast` with learning_rate 0.05, 1 |" in row
 
 
 def test_storage_that_moves_top1_too_far_is_refused(exported_run, tmp_path, monkeypatch):

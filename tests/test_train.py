@@ -125,6 +125,30 @@ def test_fast_recipe_resolves_as_documented():
     assert sgd.nesterov and sgd.momentum == 0.9
 
 
+def test_recipe_changes_name_what_a_run_changed_from_its_recipe():
+    def changes(**options):
+        return pipeline.recipe_changes(dataclasses.asdict(pipeline.resolve(
+            pipeline.TrainConfig(depth=20, recipe="fast", epochs=60, **options))))
+
+    assert changes() == {}  # the recipe at another length: its warm-up scales along
+    assert changes(label_smoothing=0.1) == {"label_smoothing": 0.1}
+    assert changes(label_smoothing=0.0, weight_decay=5e-4, nesterov=True) == {}  # as given
+    # a batch size is a change; the learning rate only where it leaves the scaling rule
+    assert changes(batch_size=128) == {"batch_size": 128}
+    assert changes(batch_size=128, learning_rate=0.1) == {"batch_size": 128,
+                                                          "learning_rate": 0.1}
+    assert changes(warmup_epochs=1, optimizer="adam", augment=False) == {
+        "warmup_epochs": 1, "optimizer": "adam", "augment": False}
+    # the average's BN batches count only when the run keeps an average
+    assert changes(ema_bn_batches=10) == {}
+    assert changes(ema_decay=0.999, ema_bn_batches=10) == {"ema_decay": 0.999,
+                                                           "ema_bn_batches": 10}
+    imagenet = pipeline.resolve(pipeline.TrainConfig(model="resnet50", epochs=10,
+                                                     label_smoothing=0.0))
+    assert pipeline.recipe_changes(dataclasses.asdict(imagenet)) == {"label_smoothing": 0.0}
+    assert pipeline.recipe_changes({"model": "resnet8", "batch_size": 64}) is None
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(depth=51), "depth=51 is not a ResNet depth"),
     (dict(depth=20, model="resnet56"), "exactly one of depth"),

@@ -41,6 +41,7 @@ _EXPORTS = {
     "ResolvedConfig": "config",
     "RECIPES": "config",
     "resolve": "config",
+    "recipe_changes": "config",
     "train": "training",
     "qat": "quantization",
     "export": "exporting",

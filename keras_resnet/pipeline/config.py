@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -298,10 +299,8 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
     options = dict(c.model_options)
     epochs = recipe.epochs if c.epochs is None else c.epochs
     batch_size = recipe.batch_size if c.batch_size is None else c.batch_size
-    warmup = c.warmup_epochs
-    if warmup is None:
-        warmup = (recipe.warmup_epochs if recipe.warmup_fraction is None
-                  else round(recipe.warmup_fraction * epochs, 3))
+    given = recipe_values(recipe, epochs=epochs, batch_size=batch_size)
+    warmup = given["warmup_epochs"] if c.warmup_epochs is None else c.warmup_epochs
     _check(c, epochs=epochs, batch_size=batch_size, warmup=warmup)
     if c.initial_weights == "imagenet":
         try:
@@ -329,16 +328,8 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
         recipe_reference=recipe.reference, architecture=dataclasses.asdict(arch),
         dataset=dataset, epochs=epochs, batch_size=batch_size, image_size=image_size,
         model_dir=c.model_dir or default_model_dir(c),
-        lr_schedule=c.lr_schedule or recipe.lr_schedule, warmup_epochs=warmup,
-        weight_decay=recipe.weight_decay if c.weight_decay is None else c.weight_decay,
-        label_smoothing=(recipe.label_smoothing if c.label_smoothing is None
-                         else c.label_smoothing),
-        nesterov=recipe.nesterov if c.nesterov is None else c.nesterov,
-        ema_decay=recipe.ema_decay if c.ema_decay is None else c.ema_decay,
-        ema_bn_batches=(recipe.ema_bn_batches if c.ema_bn_batches is None
-                        else c.ema_bn_batches),
-        learning_rate=(recipe.base_lr * batch_size / recipe.reference_batch
-                       if c.learning_rate is None else c.learning_rate))
+        **{key: given[key] if getattr(c, key) is None else getattr(c, key)
+           for key in given})
     resolved = ResolvedConfig(**values)
     for ok, message in (
             (resolved.learning_rate > 0, "learning_rate must be positive"),
@@ -350,6 +341,60 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
         if not ok:
             raise UserError(message)
     return resolved
+
+
+def recipe_values(recipe: Recipe, *, epochs: int, batch_size: int) -> dict[str, Any]:
+    """The training options ``recipe`` gives a run of ``epochs`` epochs at ``batch_size``.
+
+    The learning rate follows the recipe's scaling rule (``base_lr x batch_size /
+    reference_batch``); a ``warmup_fraction`` becomes that fraction of ``epochs``.
+    """
+    return {
+        "lr_schedule": recipe.lr_schedule,
+        "warmup_epochs": (recipe.warmup_epochs if recipe.warmup_fraction is None
+                          else round(recipe.warmup_fraction * epochs, 3)),
+        "weight_decay": recipe.weight_decay, "label_smoothing": recipe.label_smoothing,
+        "nesterov": recipe.nesterov, "ema_decay": recipe.ema_decay,
+        "ema_bn_batches": recipe.ema_bn_batches,
+        "learning_rate": recipe.base_lr * batch_size / recipe.reference_batch,
+    }
+
+
+# Training options with a fixed default rather than a recipe value.
+_FIXED_DEFAULTS = {"optimizer": "sgd", "momentum": 0.9, "augment": True}
+
+
+def recipe_changes(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The training options of a run that differ from what its recipe gives.
+
+    ``values`` is a run's resolved options (its ``config.json``). A batch size other than
+    the recipe's is a change, the learning rate only where it departs from the recipe's
+    scaling rule at that batch size; the warm-up is compared at the run's epochs, and the
+    average's BN batches only when the run keeps an average. None for a run that names
+    no recipe.
+
+    Example:
+        >>> recipe_changes(dataclasses.asdict(resolve(TrainConfig(
+        ...     depth=44, recipe="fast", epochs=60, label_smoothing=0.1))))
+        {'label_smoothing': 0.1}
+    """
+    recipe = RECIPES.get(values.get("recipe"))
+    if recipe is None:
+        return None
+    batch_size = values.get("batch_size", recipe.batch_size)
+    expected = {"batch_size": recipe.batch_size, **_FIXED_DEFAULTS,
+                **recipe_values(recipe, epochs=values.get("epochs", recipe.epochs),
+                                batch_size=batch_size)}
+    if not values.get("ema_decay"):
+        del expected["ema_bn_batches"]
+    changes = {}
+    for key, want in expected.items():
+        got = values.get(key, want)
+        same = (math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
+                if isinstance(want, float) and isinstance(got, int | float) else got == want)
+        if not same:
+            changes[key] = got
+    return changes
 
 
 def checkpoint_interval(resolved: ResolvedConfig, steps_per_epoch: int) -> int:

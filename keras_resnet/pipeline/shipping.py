@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_resnet.pipeline import config as config_lib
 from keras_resnet.pipeline import data, evaluation, rundir, safe_writes
 from keras_resnet.pipeline.errors import UserError
 
@@ -107,6 +108,7 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
             "weight_decay", "label_smoothing", "nesterov", "lr_schedule", "warmup_epochs",
             "dataset", "val_fraction", "seed", "train_images", "val_images", "dtype_policy",
             "fused_batch_norm_resolved", "cpu", "cpus", "cpu_bf16_flags")},
+            "recipe_changes": config_lib.recipe_changes(config),
             "wall_time_s": metrics.get("wall_time_s")},
         "command": command,
         "validation": {"images": len(labels), "top1_float32": top1[0],
