@@ -60,7 +60,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet32_cifar10.json")},
     "resnet44": {"cifar10": Pretrained(
         file="resnet44_cifar10.h5",
-        sha256="a793e358d59ecaf7cbb27f7aeb768cf1241ae028b14085d73f0f18340b17c2e5",
+        sha256="d489616051612812debeb4034e72cf819d506afd3524a824403ef07a4c16ea6a",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
     "resnet56": {"cifar10": Pretrained(
         file="resnet56_cifar10.h5",
