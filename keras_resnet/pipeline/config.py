@@ -360,10 +360,6 @@ def recipe_values(recipe: Recipe, *, epochs: int, batch_size: int) -> dict[str, 
     }
 
 
-# Training options with a fixed default rather than a recipe value.
-_FIXED_DEFAULTS = {"optimizer": "sgd", "momentum": 0.9, "augment": True}
-
-
 def recipe_changes(values: dict[str, Any]) -> dict[str, Any] | None:
     """The training options of a run that differ from what its recipe gives.
 
@@ -382,7 +378,10 @@ def recipe_changes(values: dict[str, Any]) -> dict[str, Any] | None:
     if recipe is None:
         return None
     batch_size = values.get("batch_size", recipe.batch_size)
-    expected = {"batch_size": recipe.batch_size, **_FIXED_DEFAULTS,
+    # optimizer, momentum and augment have TrainConfig defaults rather than recipe values
+    fixed = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+             if f.name in ("optimizer", "momentum", "augment")}
+    expected = {"batch_size": recipe.batch_size, **fixed,
                 **recipe_values(recipe, epochs=values.get("epochs", recipe.epochs),
                                 batch_size=batch_size)}
     if not values.get("ema_decay"):
