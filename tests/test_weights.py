@@ -257,3 +257,18 @@ def test_readme_weights_table_is_generated_from_the_registry():
         kr.resnet(variant="resnet1202", weights="cifar10")
     assert str(refused.value) == (f"weights='cifar10' is not available for resnet1202; it "
                                   f"exists for {have}")
+
+
+def test_weights_table_says_dash_for_what_a_card_does_not_record(monkeypatch):
+    import model_table  # tools/model_table.py
+
+    record = {"variant": "resnet8", "weights": "cifar10", "recipe": None,
+              "recipe_changes": None, "epochs": None, "train_images": None, "bytes": None,
+              "dtype": None, "training_time_s": None, "cpu": None,
+              "top1": dict.fromkeys(["float", "float_flip", "qat_int8", "qat_int8_flip",
+                                     "ptq_int8", "ptq_int8_flip"])}
+    monkeypatch.setattr(kr, "shipped_weights", lambda: [record])
+    row = model_table.weights_table().splitlines()[-1]
+    assert row == "| `resnet8` | `cifar10` | - (-) | - (-) | - (-) | - | - | - | - |"
+    monkeypatch.setattr(kr, "shipped_weights", lambda: [{**record, "epochs": 30}])
+    assert "| 30 |" in model_table.weights_table().splitlines()[-1]

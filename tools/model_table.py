@@ -56,11 +56,12 @@ def weights_table() -> str:
                  if w["training_time_s"] and w["cpu"] else "-")
         size = f"{w['bytes'] / 2**20:.2f} MiB ({w['dtype']})" if w["bytes"] else "-"
         images = f"{w['train_images']:,}" if w["train_images"] else "-"
-        recipe = f"`{w['recipe']}`" if w["recipe"] else "-"
-        if w["recipe_changes"]:
+        recipe = f"`{w['recipe']}`" if w["recipe"] else None
+        if recipe and w["recipe_changes"]:
             recipe += " with " + ", ".join(f"{k} {v}" for k, v in w["recipe_changes"].items())
+        schedule = ", ".join(str(p) for p in (recipe, w["epochs"]) if p is not None) or "-"
         rows.append(f"| `{public.get(w['variant'], w['variant'])}` | `{w['weights']}` | "
-                    f"{' | '.join(cells)} | {recipe}, {w['epochs']} | "
+                    f"{' | '.join(cells)} | {schedule} | "
                     f"{images} | {size} | {hours} |")
     return "\n".join(rows)
 
