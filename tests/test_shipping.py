@@ -47,6 +47,7 @@ def test_ship_writes_the_file_and_a_card_with_every_figure(exported_run, tmp_pat
         assert 0 <= figures["top1"] <= 1 and 0 <= figures["top1_flip"] <= 1
         assert figures["bytes"] > 0
     assert card["training"]["cpu"] is None or isinstance(card["training"]["cpu"], str)
+    assert card["training"]["accelerator"] is None  # no GPU in the tests
     # the export's files in the card's units: the PTQ row is the same file, scored on the
     # export's --eval_samples=100 images, its top-1 a fraction of them (not percent)
     (row,) = card["tflite"]

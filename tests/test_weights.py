@@ -272,3 +272,8 @@ def test_weights_table_says_dash_for_what_a_card_does_not_record(monkeypatch):
     assert row == "| `resnet8` | `cifar10` | - (-) | - (-) | - (-) | - | - | - | - |"
     monkeypatch.setattr(kr, "shipped_weights", lambda: [{**record, "epochs": 30}])
     assert "| 30 |" in model_table.weights_table().splitlines()[-1]
+    # A run on a GPU is timed on it, not on the host's CPU.
+    gpu = {**record, "training_time_s": 434.0, "cpu": "Intel(R) Xeon(R) Processor",
+           "accelerator": "NVIDIA H200"}
+    monkeypatch.setattr(kr, "shipped_weights", lambda: [gpu])
+    assert model_table.weights_table().splitlines()[-1].endswith("| 0.1 h on NVIDIA H200 |")

@@ -52,8 +52,9 @@ def weights_table() -> str:
         top1 = w["top1"]
         cells = [f"{_percent(top1[k])} ({_percent(top1[k + '_flip'])})"
                  for k in ("float", "qat_int8", "ptq_int8")]
-        hours = (f"{w['training_time_s'] / 3600:.1f} h on {w['cpu']}"
-                 if w["training_time_s"] and w["cpu"] else "-")
+        machine = w.get("accelerator") or w["cpu"]
+        hours = (f"{w['training_time_s'] / 3600:.1f} h on {machine}"
+                 if w["training_time_s"] and machine else "-")
         size = f"{w['bytes'] / 2**20:.2f} MiB ({w['dtype']})" if w["bytes"] else "-"
         images = f"{w['train_images']:,}" if w["train_images"] else "-"
         recipe = f"`{w['recipe']}`" if w["recipe"] else None

@@ -18,6 +18,7 @@ Modules, one concern each:
     config: TrainConfig, recipes, resolve() -> ResolvedConfig.
     rundir: the run folder (file names, atomic writes, identity, lock, reading a run).
     sources, transforms, data: where images come from, per-image transforms, tf.data.
+    arrays: in-memory input for training on another Keras backend (JAX), without tf.data.
     distribute, optimization, callbacks, training: strategy; schedule, optimizer and
         compile; per-epoch bookkeeping; train().
     quantize_configs, bn_folding, calibration, quantization: QAT and qat().

@@ -97,6 +97,10 @@ class DataBundle:
         """Full batches in one pass over ``train``."""
         return self.train_size // batch_size
 
+    def first_batches(self, count: int) -> tf.data.Dataset:
+        """The first ``count`` batches of :meth:`epochs` (the same every time)."""
+        return self.epochs(0).take(count)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalData:

@@ -1,20 +1,37 @@
 """Distribution: which tf.distribute strategy a run uses, and who writes the run folder.
 
 One CPU or one GPU runs the default strategy; several GPUs MirroredStrategy; a cluster
-described by ``TF_CONFIG`` MultiWorkerMirroredStrategy, where only the chief writes.
+described by ``TF_CONFIG`` MultiWorkerMirroredStrategy, where only the chief writes. On
+another Keras backend (JAX, PyTorch) a run trains on that backend's first device
+(:class:`OneDevice`), and TensorFlow is not imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
+import keras
 
 from keras_resnet.pipeline.config import STRATEGIES
 from keras_resnet.pipeline.errors import UserError, choose
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+
+class OneDevice:
+    """The strategy of a run on a Keras backend other than TensorFlow: one process on the
+    backend's default device (its first GPU where it has one)."""
+
+    num_replicas_in_sync = 1
+
+    def scope(self):
+        return contextlib.nullcontext()
 
 
 def _tf_config() -> dict:
@@ -46,8 +63,17 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     CPU devices.
 
     Must run before any other TensorFlow work when a multi-worker strategy is chosen.
+    On another Keras backend only "auto" and "default" exist (:class:`OneDevice`).
     """
     choose("strategy", name, STRATEGIES)
+    backend = keras.config.backend()
+    if backend != "tensorflow":
+        if name not in ("auto", "default"):
+            raise UserError(f"strategy={name} needs the TensorFlow backend; run with "
+                            f"KERAS_BACKEND=tensorflow, or strategy=auto on {backend}")
+        return OneDevice()
+    import tensorflow as tf
+
     workers = _cluster_workers(_tf_config())
     if name == "auto":
         if workers > 1:
@@ -69,6 +95,10 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
 
 def strategy_name(strategy: tf.distribute.Strategy) -> str:
     """The public tf.distribute name of ``strategy`` (its class may be an internal alias)."""
+    if isinstance(strategy, OneDevice):
+        return f"OneDevice ({keras.config.backend()})"
+    import tensorflow as tf
+
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return "MultiWorkerMirroredStrategy"
     name = type(strategy).__name__
@@ -139,8 +169,9 @@ def agreement(strategy: tf.distribute.Strategy):
     (the highest-numbered one names it). Any other strategy runs in one process: None
     (this process's signal decides alone).
     """
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if not is_multiworker(strategy):
         return None
+    import tensorflow as tf
 
     def any_worker(signum: int) -> int:
         local = (tf.one_hot(signum, _SIGNALS, dtype=tf.float32) if signum
@@ -151,6 +182,15 @@ def agreement(strategy: tf.distribute.Strategy):
         return max(received, default=0)
 
     return any_worker
+
+
+def is_multiworker(strategy) -> bool:
+    """Whether ``strategy`` is a MultiWorkerMirroredStrategy."""
+    if isinstance(strategy, OneDevice):
+        return False
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def patch_for_multiworker(model, strategy):
@@ -167,6 +207,8 @@ def patch_for_multiworker(model, strategy):
       fails on scalars; the steps here return them as length-1 vectors, which that
       reduction averages over all replicas of all workers.
     """
+    import tensorflow as tf
+
     cls = type(model)
 
     def maybe_symbolic_build(iterator=None, data_batch=None):

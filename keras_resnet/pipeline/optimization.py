@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 
 import keras
-import tensorflow as tf
 
 from keras_resnet.pipeline.config import STEP_BOUNDARIES, ResolvedConfig
 
@@ -148,14 +147,18 @@ def estimate_bn_statistics(model: keras.Model, batches) -> None:
         return
     inputs = keras.Model(model.input, [layer.input for layer in layers])
 
-    @tf.function(reduce_retracing=True)
     def batch_moments(images):
         moments = []
         for x in inputs(images, training=True):
-            x = tf.cast(x, tf.float32)
+            x = keras.ops.cast(x, "float32")
             axes = list(range(len(x.shape) - 1))
-            moments.append((tf.reduce_mean(x, axes), tf.math.reduce_variance(x, axes)))
+            moments.append((keras.ops.mean(x, axes), keras.ops.var(x, axes)))
         return moments
+
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        batch_moments = tf.function(batch_moments, reduce_retracing=True)
 
     sums, count = None, 0
     for images, *_ in batches:

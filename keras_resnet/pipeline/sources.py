@@ -23,15 +23,18 @@ import dataclasses
 import logging
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
 from keras_resnet.pipeline.errors import DataError
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 log = logging.getLogger(__name__)
 
-AUTOTUNE = tf.data.AUTOTUNE
+AUTOTUNE = -1  # tf.data.AUTOTUNE; TensorFlow loads only where a tf.data split is made
 BUILTIN_DATASETS = ("folder", "digits", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DIGITS_TEST_EVERY = 5
@@ -118,6 +121,21 @@ def _split_dirs(root) -> dict[str, str] | None:
 
 
 def _folder_splits(data_dir, val_fraction, seed):
+    (paths, labels), val, class_names, skipped = folder_files(data_dir, val_fraction, seed)
+    val = _files_split(*val) if val else None
+    return _files_split(paths, labels), val, class_names, skipped
+
+
+def folder_files(data_dir, val_fraction: float, seed: int):
+    """The training and validation files of a folder dataset, without TensorFlow.
+
+    The validation files are ``data_dir/val/`` (or ``validation/``) where it exists, else
+    :func:`carve` takes ``val_fraction`` of every class of the training files.
+
+    Returns:
+        ((train_paths, train_labels), (val_paths, val_labels) or None, class_names,
+        skipped).
+    """
     root = _folder_root(data_dir)
     dirs = _split_dirs(root)
     if dirs and "train" not in dirs:
@@ -134,9 +152,8 @@ def _folder_splits(data_dir, val_fraction, seed):
         skipped += vskipped
     else:
         (paths, labels), (vpaths, vlabels) = carve(paths, labels, val_fraction, seed)
-    val = _files_split(vpaths, vlabels) if vpaths else None
     _warn_skipped(skipped)
-    return _files_split(paths, labels), val, class_names, skipped
+    return (paths, labels), ((vpaths, vlabels) if vpaths else None), class_names, skipped
 
 
 def _folder_eval_split(data_dir, split, val_fraction, seed, class_names=None):
@@ -356,6 +373,8 @@ def carve(paths: Sequence, labels: Sequence[int], val_fraction: float, seed: int
 
 
 def _files_split(paths, labels) -> Split:
+    import tensorflow as tf
+
     encoded = sum(os.path.getsize(p) for p in paths) if len(paths) <= 200_000 else 0
     elements = tf.data.Dataset.from_tensor_slices(
         (tf.constant(paths, tf.string), tf.constant(labels, tf.int32)))
@@ -378,6 +397,8 @@ def _digits_arrays(*, test: bool):
 
 
 def _digits_split(images, labels) -> Split:
+    import tensorflow as tf
+
     elements = tf.data.Dataset.from_tensor_slices((images, labels))
     return Split(elements, len(labels), files=False, flip=False, small_style=True)
 

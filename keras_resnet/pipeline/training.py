@@ -4,6 +4,10 @@
 fits it with the run's input pipeline and writes the run folder (see
 :mod:`keras_resnet.pipeline.rundir`). Models are built with ``include_preprocessing=True``
 and ``classifier_activation=None``: they take raw 0..255 RGB pixels and return logits.
+On the TensorFlow backend the input is tf.data and the strategy tf.distribute's; on
+another Keras backend (JAX) a folder dataset is held in memory
+(:mod:`keras_resnet.pipeline.arrays`) and the run uses one device
+(:class:`~keras_resnet.pipeline.distribute.OneDevice`), without importing TensorFlow.
 
 Running the same config again after an interruption resumes after the last completed
 epoch (weights, optimizer state, epoch, best score and history are restored) and finishes
@@ -21,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import platform
@@ -31,12 +36,10 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 import keras_resnet
 from keras_resnet.pipeline import (
     callbacks,
-    data,
     distribute,
     network,
     optimization,
@@ -44,6 +47,7 @@ from keras_resnet.pipeline import (
     preemption,
     rundir,
     safe_writes,
+    transforms,
 )
 from keras_resnet.pipeline.config import (
     ResolvedConfig,
@@ -77,15 +81,71 @@ def _set_trainable(model, head_only, original, freeze_bn):
 def versions() -> dict[str, str]:
     """Versions of the libraries a run depends on (recorded in config.json)."""
     out = {"python": platform.python_version(), "keras_resnet": keras_resnet.__version__,
-           "tensorflow": tf.__version__, "keras": keras.__version__,
+           "keras": keras.__version__, "keras_backend": keras.config.backend(),
            "numpy": np.__version__}
-    try:
-        import tensorflow_datasets as tfds
-
-        out["tensorflow_datasets"] = tfds.__version__
-    except ImportError:  # pragma: no cover
-        pass
+    names = {"tensorflow": ("tensorflow", "tensorflow_datasets"), "jax": ("jax", "jaxlib"),
+             "torch": ("torch",)}.get(keras.config.backend(), ())
+    for name in names:
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except ImportError:  # pragma: no cover
+            pass
     return out
+
+
+def accelerator() -> str | None:
+    """The GPUs the Keras backend computes on, e.g. "NVIDIA H200" or "2 x NVIDIA A100"
+    (None: the CPU)."""
+    backend = keras.config.backend()
+    names = []
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        names = [tf.config.experimental.get_device_details(gpu).get("device_name", "GPU")
+                 for gpu in tf.config.list_physical_devices("GPU")]
+    elif backend == "jax":
+        import jax
+
+        names = [d.device_kind for d in jax.devices() if d.platform == "gpu"]
+    elif backend == "torch":
+        import torch
+
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if not names:
+        return None
+    return names[0] if len(names) == 1 else f"{len(names)} x {names[0]}"
+
+
+def load_bundle(resolved: ResolvedConfig):
+    """The run's training and validation input: tf.data on the TensorFlow backend
+    (:func:`keras_resnet.pipeline.data.load_data`), else in-memory arrays
+    (:func:`keras_resnet.pipeline.arrays.load_arrays`, folder datasets of images up to 64
+    pixels)."""
+    if keras.config.backend() == "tensorflow":
+        from keras_resnet.pipeline import data
+
+        return data.load_data(
+            resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
+            batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
+            seed=resolved.seed, augment=resolved.augment,
+            cache_budget=resolved.cache_budget_mb * 2**20)
+    from keras_resnet.pipeline import arrays
+
+    return arrays.load_arrays(
+        resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
+        batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
+        seed=resolved.seed, augment=resolved.augment,
+        memory_budget=resolved.cache_budget_mb * 2**20)
+
+
+def one_hot_labels(num_classes: int):
+    """``dataset -> dataset`` with one-hot labels: a tf.data map on TensorFlow; the array
+    streams of other backends come one-hot already."""
+    if keras.config.backend() != "tensorflow":
+        return lambda dataset: dataset
+    import tensorflow as tf
+
+    return lambda dataset: dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
 
 
 # --------------------------------------------------------------------------- train
@@ -168,10 +228,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         check_resume(run_dir, resolved)
 
     keras.utils.set_random_seed(resolved.seed)
-    bundle = data.load_data(
-        resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
-        batch_size=batch, val_fraction=resolved.val_fraction, seed=resolved.seed,
-        augment=resolved.augment, cache_budget=resolved.cache_budget_mb * 2**20)
+    bundle = load_bundle(resolved)
     num_classes = bundle.num_classes
     record = resolved.to_dict()
     record["num_classes"] = num_classes
@@ -180,12 +237,16 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
                                overwrite=False)
     state = rundir.read_checkpoint_state(run_dir)
 
-    gpu = bool(tf.config.list_physical_devices("GPU"))
+    gpus = accelerator()
+    gpu = gpus is not None
     policy = precision.choose_policy(resolved.mixed_precision, gpu=gpu)
     if state is not None:
         policy = precision.resumed_policy(
             (rundir.read_config(run_dir) or {}).get("dtype_policy"), policy)
-    jit = truthy(resolved.jit_compile, gpu and replicas == 1)
+    # XLA: on a single GPU with TensorFlow; on JAX always (as Keras' own "auto"): op by op,
+    # JAX is many times slower.
+    jit = truthy(resolved.jit_compile, (gpu and replicas == 1)
+                 or keras.config.backend() == "jax")
 
     steps = resolved.steps_per_epoch or bundle.steps_per_epoch(batch)
     epochs = resolved.epochs
@@ -193,7 +254,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "replicas": replicas, "per_replica_batch_size": batch // replicas,
         "strategy_resolved": distribute.strategy_name(strategy),
         "mixed_precision_resolved": policy != "float32", "dtype_policy": policy,
-        "cpu": precision.cpu_model(), "cpus": os.cpu_count(),
+        "accelerator": gpus, "cpu": precision.cpu_model(), "cpus": os.cpu_count(),
         "cpu_bf16_flags": list(precision.bf16_flags(precision.host_cpu_flags())),
         "fused_batch_norm_resolved": resolved.fused_batch_norm and (
             keras.config.backend() == "tensorflow"),
@@ -201,16 +262,14 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "steps_per_epoch_resolved": steps, "train_images": bundle.train_size,
         "val_images": bundle.val_size, "skipped_images": len(bundle.skipped),
         "cached_in_memory": bundle.cached,
-        "augmentation": data.augmentation_style(resolved.image_size),
+        "augmentation": transforms.augmentation_style(resolved.image_size),
         "input": "raw RGB pixels 0..255 (float32); normalisation is inside the model",
         "output": "logits", "versions": versions(),
     })
     schedule = optimization.run_schedule(resolved, steps)
 
-    def one_hot(x, y):
-        return x, tf.one_hot(y, num_classes)
-
-    val_ds = bundle.val.map(one_hot) if bundle.val is not None else None
+    one_hot = one_hot_labels(num_classes)
+    val_ds = one_hot(bundle.val) if bundle.val is not None else None
     # One estimate of the average's BN statistics per step, shared by its scoring, the
     # best model and the final model.
     average_bn = average_bn_batches(resolved, bundle)
@@ -218,7 +277,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     with strategy.scope():
         model = network.build_training_model(resolved, num_classes, policy=policy)
         original = {layer.name: layer.trainable for layer in model.layers}
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if distribute.is_multiworker(strategy):
             distribute.patch_for_multiworker(model, strategy)
         if resolved.optimizer != "adamw":
             optimization.add_weight_decay(model, resolved.weight_decay)
@@ -317,8 +376,7 @@ def average_bn_batches(resolved, bundle):
     with ``ema_bn_batches=0``."""
     if not (resolved.ema_decay and resolved.ema_bn_batches):
         return None
-    return optimization.AverageBNStatistics(
-        bundle.epochs(0).take(resolved.ema_bn_batches))
+    return optimization.AverageBNStatistics(bundle.first_batches(resolved.ema_bn_batches))
 
 
 def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase,
@@ -337,14 +395,15 @@ def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, ch
         fit_callbacks.insert(0, callbacks.AverageScore(
             val_ds, average_bn))
     tensorboard = None
-    if chief:
+    # Keras' TensorBoard callback writes through tf.summary: TensorFlow backend only.
+    if chief and keras.config.backend() == "tensorflow":
         tensorboard = keras.callbacks.TensorBoard(
             os.path.join(run_dir, rundir.LOGS), write_graph=False, profile_batch=0)
         fit_callbacks.append(tensorboard)
     # The training stream from ``begin`` continues exactly where earlier steps left it.
     data_epoch, offset = divmod(begin * steps + first_step,
                                 bundle.steps_per_epoch(resolved.batch_size) or 1)
-    train_ds = bundle.epochs(data_epoch, skip_batches=offset).map(one_hot)
+    train_ds = one_hot(bundle.epochs(data_epoch, skip_batches=offset))
     with warnings.catch_warnings():
         # Validation sets that skip undecodable files have no known length, and Keras
         # warns "ran out of data" at their (normal) end.

@@ -4,12 +4,11 @@ Augmentation follows the image size: up to 64 pixels, CIFAR-style (pad by size/8
 crop, horizontal flip; He et al. 2015 §4.2); above, ImageNet-style (random resized crop with
 8%-100% area and 3/4-4/3 aspect ratio, flip; evaluation resizes the shorter side to
 size/0.875 and takes the central crop). Random ops are stateless and take their seed as an
-argument, so a pipeline built from them is a pure function of its seeds.
+argument, so a pipeline built from them is a pure function of its seeds. Each transform
+imports TensorFlow itself: the constants and :func:`augmentation_style` load without it.
 """
 
 from __future__ import annotations
-
-import tensorflow as tf
 
 # Images up to this side get CIFAR-style augmentation; larger ones ImageNet-style.
 SMALL_IMAGE_MAX = 64
@@ -22,8 +21,9 @@ def augmentation_style(image_size: int) -> str:
     return "cifar" if image_size <= SMALL_IMAGE_MAX else "imagenet"
 
 
-
 def to_rgb(image):
+    import tensorflow as tf
+
     channels = image.shape[-1]
     if channels == 1:
         return tf.image.grayscale_to_rgb(image)
@@ -34,6 +34,8 @@ def to_rgb(image):
 
 def decode_image(contents):
     """Decodes JPEG/PNG/BMP/GIF bytes to a uint8 [height, width, 3] image."""
+    import tensorflow as tf
+
     image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     image.set_shape([None, None, 3])
     return image
@@ -41,6 +43,8 @@ def decode_image(contents):
 
 def resize_uint8(image, size):
     """Resizes to size x size (antialiased), keeping uint8; a no-op at the right size."""
+    import tensorflow as tf
+
     shape = tf.shape(image)
 
     def resize():
@@ -57,6 +61,8 @@ def eval_transform(image, image_size: int):
     Up to 64 pixels the image is resized to the square size; above, the shorter side is
     resized to ``image_size / 0.875`` and the central square cropped. Returns uint8.
     """
+    import tensorflow as tf
+
     image = to_rgb(image)
     if image_size <= SMALL_IMAGE_MAX:
         return resize_uint8(image, image_size)
@@ -73,6 +79,8 @@ def eval_transform(image, image_size: int):
 
 def augment_small(image, seed, image_size, flip):
     """CIFAR-style: zero-pad by size/8, random crop back, random horizontal flip."""
+    import tensorflow as tf
+
     pad = max(1, image_size // 8)
     seeds = tf.random.experimental.stateless_split(seed, 2)
     x = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
@@ -87,6 +95,8 @@ def random_resized_crop(image, seed, image_size, flip, *, contents=None):
 
     With ``contents`` (JPEG bytes) only the crop window is decoded.
     """
+    import tensorflow as tf
+
     seeds = tf.random.experimental.stateless_split(seed, 2)
     shape = tf.image.extract_jpeg_shape(contents) if image is None else tf.shape(image)
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(

@@ -1,0 +1,199 @@
+"""In-memory training input (keras_resnet.pipeline.arrays) and training on the JAX backend
+without TensorFlow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from keras_resnet.pipeline import arrays, sources
+from keras_resnet.pipeline.errors import DataError
+
+
+def make_folder(root, classes=("a", "b", "c"), per_class=20, size=32, odd_size=None):
+    """``root/<class>/<i>.png``: each image filled with a value coding (class, index)."""
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            side = odd_size if (odd_size and i == 0) else size
+            pixels = np.full((side, side, 3), c * 64 + i, dtype="uint8")
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return make_folder(tmp_path / "images")
+
+
+def bundle_of(folder, **kwargs):
+    options = dict(data_dir=str(folder), image_size=32, batch_size=8, val_fraction=0.25,
+                   seed=0)
+    options.update(kwargs)
+    return arrays.load_arrays("folder", **options)
+
+
+def test_split_is_the_tf_data_split(folder):
+    """The same files go to validation as in the tf.data pipeline (seed-0 carve)."""
+    b = bundle_of(folder)
+    assert (b.train_size, b.val_size, b.num_classes) == (45, 15, 3)
+    val_split, _, _ = sources.named_split("folder", str(folder), "val", 0.25, 0)
+    tf_val = sorted(int(y) for _, y in val_split.elements.as_numpy_iterator())
+    assert sorted(b.val_labels.tolist()) == tf_val
+    tf_paths = sorted(p.decode() for p, _ in val_split.elements.as_numpy_iterator())
+    _, (val_paths, _), _, _ = sources.folder_files(str(folder), 0.25, 0)
+    assert sorted(val_paths) == tf_paths
+
+
+def test_images_decode_to_their_pixels(tmp_path):
+    b = bundle_of(make_folder(tmp_path / "i", per_class=8, odd_size=40), val_fraction=0)
+    assert b.train_images.shape == (24, 32, 32, 3) and b.train_images.dtype == np.uint8
+    assert b.val is None and b.val_size == 0
+    # File order: class-major; every image is its constant value (a 40-pixel one resized).
+    codes = b.train_images[:, 0, 0, 0].astype(int)
+    assert codes.tolist() == [c * 64 + i for c in range(3) for i in range(8)]
+
+
+def test_epochs_visit_every_image_once_in_a_seeded_order(folder):
+    b = bundle_of(folder, augment=False)
+    steps = b.steps_per_epoch(8)
+    assert steps == 45 // 8
+    stream = b.epochs(0)
+    assert stream.num_batches is None  # endless: fit draws steps_per_epoch per epoch
+    seen = np.concatenate([stream[i][0][:, 16, 16, 0] for i in range(steps)])
+    assert len(set(seen.tolist())) == steps * 8  # no image twice in an epoch
+    again = bundle_of(folder, augment=False).epochs(0)
+    np.testing.assert_array_equal(stream[3][0], again[3][0])
+    other_seed = bundle_of(folder, augment=False, seed=1).epochs(0)
+    assert not np.array_equal(stream[0][0], other_seed[0][0])
+    # Epoch 1 follows epoch 0 in the same stream, in another order.
+    assert not np.array_equal(stream[0][0], stream[steps][0])
+
+
+def test_resumed_stream_continues_the_same_sequence(folder):
+    b = bundle_of(folder)
+    steps = b.steps_per_epoch(8)
+    whole = b.epochs(0)
+    resumed = b.epochs(1, skip_batches=2)
+    for i in range(steps):
+        x, y = resumed[i]
+        want_x, want_y = whole[steps + 2 + i]
+        np.testing.assert_array_equal(x, want_x)
+        np.testing.assert_array_equal(y, want_y)
+
+
+def test_batches_are_float_pixels_and_one_hot_labels(folder):
+    b = bundle_of(folder)
+    x, y = b.epochs(0)[0]
+    assert x.shape == (8, 32, 32, 3) and x.dtype == np.float32
+    assert y.shape == (8, 3) and y.dtype == np.float32
+    np.testing.assert_array_equal(y.sum(axis=1), 1.0)
+    assert len(b.first_batches(2)) == 2
+    val = b.val
+    assert len(val) == 2  # 15 images in batches of 8
+    vx, vy = val[1]
+    assert vx.shape == (7, 32, 32, 3) and vy.shape == (7, 3)
+
+
+def test_augmentation_is_a_padded_crop_and_flip():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 255, (64, 16, 16, 3), dtype=np.uint8)
+    out = arrays.augment_small(images, np.random.default_rng(1))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    flips, shifts = 0, set()
+    for image, got in zip(padded, out, strict=True):
+        matches = [(t, left, f) for t in range(5) for left in range(5) for f in (0, 1)
+                   if np.array_equal(got, (image[t:t + 16, left:left + 16, :][:, ::-1]
+                                           if f else image[t:t + 16, left:left + 16, :]))]
+        assert matches, "not a window of the zero-padded image"
+        t, left, f = matches[0]
+        flips += f
+        shifts.add((t, left))
+    assert 16 < flips < 48  # about half are mirrored
+    assert len(shifts) > 10  # offsets vary per image
+
+
+def test_load_arrays_refuses_what_it_cannot_do(folder):
+    with pytest.raises(DataError, match="needs TensorFlow"):
+        arrays.load_arrays("cifar10", data_dir=None, image_size=32, batch_size=8)
+    with pytest.raises(DataError, match="image_size=96 is over 64"):
+        bundle_of(folder, image_size=96)
+    with pytest.raises(DataError, match="cache_budget_mb"):
+        bundle_of(folder, memory_budget=1000)
+    with pytest.raises(DataError, match="fewer than batch_size=64"):
+        bundle_of(folder, batch_size=64)
+
+
+# --------------------------------------------------------------------------- JAX runs
+
+# Runs a tool with TensorFlow unimportable, as on a machine with JAX and no TensorFlow.
+NO_TF = textwrap.dedent(
+    """
+    import runpy, sys
+    sys.modules["tensorflow"] = None
+    sys.path.insert(0, sys.argv[1])
+    sys.argv = sys.argv[2:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """
+)
+
+
+def train_without_tensorflow(*args):
+    pytest.importorskip("jax", reason="training on the JAX backend needs jax "
+                                      "(pip install -e .[dev])")
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-c", NO_TF, str(REPO / "tools"), str(REPO / "tools/train.py"),
+         *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_train_on_jax_without_tensorflow_then_resume(tmp_path):
+    images = make_folder(tmp_path / "images", classes=("a", "b"), per_class=24)
+    run = tmp_path / "run"
+    flags = ["--depth=8", "--dataset=folder", f"--data_dir={images}", "--batch_size=8",
+             "--learning_rate=0.01", "--warmup_epochs=0", "--val_fraction=0.25",
+             f"--model_dir={run}", "--verbose=false"]
+    first = train_without_tensorflow(*flags, "--epochs=1")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "epoch 1/1" in first.stdout and "done: " in first.stdout
+    config = json.loads((run / "config.json").read_text())
+    assert config["versions"]["keras_backend"] == "jax" and "tensorflow" not in config[
+        "versions"]
+    assert config["strategy_resolved"] == "OneDevice (jax)"
+    assert config["jit_compile_resolved"] is True
+    assert config["accelerator"] is None  # JAX_PLATFORMS=cpu
+    assert (config["train_images"], config["val_images"]) == (36, 12)
+    second = train_without_tensorflow(*flags, "--epochs=2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stdout and "epoch 2/2" in second.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and 0 <= metrics["val_accuracy"] <= 1
+    assert (run / "history.csv").read_text().count("\n") == 3  # header + 2 epochs
+    # The run folder is the TensorFlow pipeline's: its model loads there and scores.
+    import keras
+
+    model = keras.saving.load_model(run / "model.keras", compile=False)
+    assert model.output_shape == (None, 2)
+    assert (run / "labels.txt").read_text().split() == ["a", "b"]
+
+
+def test_tensorflow_only_options_are_one_line_errors_on_jax(tmp_path):
+    images = make_folder(tmp_path / "images", classes=("a", "b"), per_class=4)
+    for flag, message in (("--strategy=mirrored", "strategy=mirrored needs the TensorFlow "
+                                                  "backend"),
+                          ("--dataset=cifar10", "dataset=cifar10 needs TensorFlow")):
+        args = ["--depth=8", "--dataset=folder", f"--data_dir={images}", flag,
+                f"--model_dir={tmp_path / 'run'}"]
+        result = train_without_tensorflow(*args)
+        err = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and err.startswith("error: ") and message in err, (
+            result.stderr[-2000:])
