@@ -176,7 +176,8 @@ def shipped_weights() -> list[dict]:
     Each record names the ``variant`` and the ``weights`` value that loads it, the
     dataset and classes, the file (name, sha256, bytes, storage dtype), how it was trained
     (recipe, ``recipe_changes``: the options that differ from the recipe, epochs, training
-    images, the command, seconds, the CPU and the ``accelerator``, None without a GPU) and
+    images, the command, seconds, the CPU and the ``accelerator``, None without a GPU, and
+    ``machines``: each machine a resumed run moved to, with its first epoch) and
     ``top1``: the validation top-1 of the float model and of its QAT and PTQ int8
     ``.tflite`` files, each plain and with flip test-time augmentation (``"float"``,
     ``"float_flip"``, ``"qat_int8"``, ...; None where not measured).
@@ -204,6 +205,7 @@ def shipped_weights() -> list[dict]:
                     "train_images"), "command": card.get("command"),
                 "training_time_s": training.get("wall_time_s"), "cpu": training.get("cpu"),
                 "accelerator": training.get("accelerator"),
+                "machines": training.get("machines"),
                 "top1": top1, "sizes": {k: v.get("bytes") for k, v in scores.items()},
             })
     return records

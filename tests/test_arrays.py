@@ -172,9 +172,18 @@ def test_train_on_jax_without_tensorflow_then_resume(tmp_path):
     assert config["jit_compile_resolved"] is True
     assert config["accelerator"] is None  # JAX_PLATFORMS=cpu
     assert (config["train_images"], config["val_images"]) == (36, 12)
+    assert config["machines"] == [{"accelerator": None, "cpu": config["cpu"],
+                                   "cpus": config["cpus"], "keras_backend": "jax",
+                                   "from_epoch": 1}]
+    # As if the first epoch had run on another machine: the resumed run adds this one.
+    config["machines"][0]["cpu"] = "another CPU"
+    (run / "config.json").write_text(json.dumps(config))
     second = train_without_tensorflow(*flags, "--epochs=2")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stdout and "epoch 2/2" in second.stdout
+    machines = json.loads((run / "config.json").read_text())["machines"]
+    assert [(m["cpu"], m["from_epoch"]) for m in machines] == [
+        ("another CPU", 1), (config["cpu"], 2)]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and 0 <= metrics["val_accuracy"] <= 1
     assert (run / "history.csv").read_text().count("\n") == 3  # header + 2 epochs
@@ -197,3 +206,22 @@ def test_tensorflow_only_options_are_one_line_errors_on_jax(tmp_path):
         err = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and err.startswith("error: ") and message in err, (
             result.stderr[-2000:])
+
+
+def test_machines_of_a_run_resumed_elsewhere():
+    from keras_resnet.pipeline import training
+
+    here = {"accelerator": None, "cpu": "AMD EPYC", "cpus": 2,
+            "versions": {"keras_backend": "tensorflow"}}
+    assert training.machines(here, None, None) == [
+        {"accelerator": None, "cpu": "AMD EPYC", "cpus": 2, "keras_backend": "tensorflow",
+         "from_epoch": 1}]
+    # A config.json without the record (older runs) is one machine from epoch 1.
+    gpu = {"accelerator": "NVIDIA H200", "cpu": "Xeon", "cpus": 16,
+           "versions": {"keras_backend": "jax"}}
+    moved = training.machines(here, gpu, {"epoch": 59, "step": 1})
+    assert [(m["accelerator"], m["keras_backend"], m["from_epoch"]) for m in moved] == [
+        ("NVIDIA H200", "jax", 1), (None, "tensorflow", 60)]
+    # Resuming on the same machine adds nothing.
+    again = training.machines(here, {**here, "machines": moved}, {"epoch": 59})
+    assert again == moved

@@ -277,3 +277,9 @@ def test_weights_table_says_dash_for_what_a_card_does_not_record(monkeypatch):
            "accelerator": "NVIDIA H200"}
     monkeypatch.setattr(kr, "shipped_weights", lambda: [gpu])
     assert model_table.weights_table().splitlines()[-1].endswith("| 0.1 h on NVIDIA H200 |")
+    # A run resumed elsewhere names each machine once, in order.
+    moved = {**gpu, "machines": [{"accelerator": "NVIDIA H200", "cpu": "Xeon"},
+                                 {"accelerator": None, "cpu": "AMD EPYC"}]}
+    monkeypatch.setattr(kr, "shipped_weights", lambda: [moved])
+    assert model_table.weights_table().splitlines()[-1].endswith(
+        "| 0.1 h on NVIDIA H200 + AMD EPYC |")

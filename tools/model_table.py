@@ -52,7 +52,9 @@ def weights_table() -> str:
         top1 = w["top1"]
         cells = [f"{_percent(top1[k])} ({_percent(top1[k + '_flip'])})"
                  for k in ("float", "qat_int8", "ptq_int8")]
-        machine = w.get("accelerator") or w["cpu"]
+        names = [m.get("accelerator") or m.get("cpu") for m in w.get("machines") or []]
+        machine = " + ".join(dict.fromkeys(n for n in names if n)) or (
+            w.get("accelerator") or w["cpu"])
         hours = (f"{w['training_time_s'] / 3600:.1f} h on {machine}"
                  if w["training_time_s"] and machine else "-")
         size = f"{w['bytes'] / 2**20:.2f} MiB ({w['dtype']})" if w["bytes"] else "-"

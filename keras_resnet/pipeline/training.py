@@ -116,6 +116,31 @@ def accelerator() -> str | None:
     return names[0] if len(names) == 1 else f"{len(names)} x {names[0]}"
 
 
+MACHINE_KEYS = ("accelerator", "cpu", "cpus", "keras_backend")
+
+
+def machines(record: dict[str, Any], previous: dict[str, Any] | None,
+             state: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The machines a run trained on, oldest first, each with the epoch it started at.
+
+    A run resumed on another machine (or backend) appends this one; ``previous`` is the
+    run's config.json before this process, ``state`` its checkpoint state. A config.json
+    from before this record counts as one machine from epoch 1.
+    """
+    here = {key: record.get(key) for key in MACHINE_KEYS[:3]}
+    here["keras_backend"] = record["versions"]["keras_backend"]
+    if not previous:
+        return [{**here, "from_epoch": 1}]
+    earlier = previous.get("machines") or [{
+        **{key: previous.get(key) for key in MACHINE_KEYS[:3]},
+        "keras_backend": (previous.get("versions") or {}).get("keras_backend", "tensorflow"),
+        "from_epoch": 1}]
+    last = {key: earlier[-1].get(key) for key in MACHINE_KEYS}
+    if last == here:
+        return earlier
+    return [*earlier, {**here, "from_epoch": (state or {}).get("epoch", 0) + 1}]
+
+
 def load_bundle(resolved: ResolvedConfig):
     """The run's training and validation input: tf.data on the TensorFlow backend
     (:func:`keras_resnet.pipeline.data.load_data`), else in-memory arrays
@@ -266,6 +291,8 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "input": "raw RGB pixels 0..255 (float32); normalisation is inside the model",
         "output": "logits", "versions": versions(),
     })
+    record["machines"] = machines(record, rundir.read_config(run_dir) if state else None,
+                                  state)
     schedule = optimization.run_schedule(resolved, steps)
 
     one_hot = one_hot_labels(num_classes)
