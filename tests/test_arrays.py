@@ -209,19 +209,19 @@ def test_tensorflow_only_options_are_one_line_errors_on_jax(tmp_path):
 
 
 def test_machines_of_a_run_resumed_elsewhere():
-    from keras_resnet.pipeline import training
+    from keras_resnet.pipeline import machine
 
     here = {"accelerator": None, "cpu": "AMD EPYC", "cpus": 2,
             "versions": {"keras_backend": "tensorflow"}}
-    assert training.machines(here, None, None) == [
+    assert machine.machines(here, None, None) == [
         {"accelerator": None, "cpu": "AMD EPYC", "cpus": 2, "keras_backend": "tensorflow",
          "from_epoch": 1}]
     # A config.json without the record (older runs) is one machine from epoch 1.
     gpu = {"accelerator": "NVIDIA H200", "cpu": "Xeon", "cpus": 16,
            "versions": {"keras_backend": "jax"}}
-    moved = training.machines(here, gpu, {"epoch": 59, "step": 1})
+    moved = machine.machines(here, gpu, {"epoch": 59, "step": 1})
     assert [(m["accelerator"], m["keras_backend"], m["from_epoch"]) for m in moved] == [
         ("NVIDIA H200", "jax", 1), (None, "tensorflow", 60)]
     # Resuming on the same machine adds nothing.
-    again = training.machines(here, {**here, "machines": moved}, {"epoch": 59})
+    again = machine.machines(here, {**here, "machines": moved}, {"epoch": 59})
     assert again == moved

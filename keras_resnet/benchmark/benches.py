@@ -57,47 +57,21 @@ def train_config(*, model=None, depth=None, model_options=None, batch_size=None,
                        fused_batch_norm=fused_batch_norm)
 
 
-def backend_has_gpu(backend: str) -> bool:
-    """Whether the Keras backend ``backend`` (imported here) sees a GPU."""
-    if backend == "jax":
-        import jax
-
-        return any(d.platform == "gpu" for d in jax.devices())
-    if backend == "torch":
-        import torch
-
-        return torch.cuda.is_available()
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def resolve_precision(precision: str, backend: str) -> str:
     """The dtype policy of ``precision``; "auto" is tools/train.py's choice on this machine."""
+    from keras_resnet.pipeline.machine import accelerator
     from keras_resnet.pipeline.precision import choose_policy
 
     if precision != "auto":
         return precision
-    return choose_policy("auto", gpu=backend_has_gpu(backend))
-
-
-def default_jit(backend: str) -> bool:
-    """What ``jit_compile=auto`` means on ``backend``."""
-    if backend == "jax":
-        return True  # jax without jit runs op by op; Keras' own "auto" is jit on jax
-    if backend == "torch":
-        return False  # Keras' "auto" on torch: no torch.compile
-    import tensorflow as tf
-
-    # As training: XLA only with a GPU (and one replica).
-    return bool(tf.config.list_physical_devices("GPU"))
+    return choose_policy("auto", gpu=accelerator(backend) is not None)
 
 
 def build_and_compile(spec: dict):
     """Builds and compiles the spec's model as training does; returns (model, jit_compile)."""
     import keras
 
-    from keras_resnet.pipeline import config, network, optimization
+    from keras_resnet.pipeline import config, machine, network, optimization
 
     resolved = config.resolve(train_config(
         model=spec.get("model"), depth=spec.get("depth"),
@@ -106,7 +80,8 @@ def build_and_compile(spec: dict):
         fused_batch_norm=bool(spec.get("fused_batch_norm"))))
     classes = spec["classes"]
     backend = keras.config.backend()
-    jit = config.truthy(spec["jit_compile"], default_jit(backend))
+    jit = config.truthy(spec["jit_compile"], machine.default_jit(
+        backend, gpu=machine.accelerator(backend) is not None))
     policy = resolve_precision(spec["precision"], backend)
     if spec["source"] == "applications":
         size = spec["image_size"]

@@ -21,6 +21,7 @@ Modules, one concern each:
     arrays: in-memory input for training on another Keras backend (JAX), without tf.data.
     distribute, optimization, callbacks, training: strategy; schedule, optimizer and
         compile; per-epoch bookkeeping; train().
+    machine: the backend's GPUs, library versions and the machines a run trained on.
     quantize_configs, bn_folding, calibration, quantization: QAT and qat().
     tflite, litert, metadata, exporting: conversion and audit; the LiteRT runner; TFLite
         metadata; export().

@@ -25,10 +25,8 @@ Example:
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
-import platform
 import sys
 import time
 import warnings
@@ -37,10 +35,10 @@ from typing import Any
 import keras
 import numpy as np
 
-import keras_resnet
 from keras_resnet.pipeline import (
     callbacks,
     distribute,
+    machine,
     network,
     optimization,
     precision,
@@ -76,69 +74,6 @@ def _set_trainable(model, head_only, original, freeze_bn):
         if freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
             trainable = False
         layer.trainable = trainable
-
-
-def versions() -> dict[str, str]:
-    """Versions of the libraries a run depends on (recorded in config.json)."""
-    out = {"python": platform.python_version(), "keras_resnet": keras_resnet.__version__,
-           "keras": keras.__version__, "keras_backend": keras.config.backend(),
-           "numpy": np.__version__}
-    names = {"tensorflow": ("tensorflow", "tensorflow_datasets"), "jax": ("jax", "jaxlib"),
-             "torch": ("torch",)}.get(keras.config.backend(), ())
-    for name in names:
-        try:
-            out[name] = importlib.import_module(name).__version__
-        except ImportError:  # pragma: no cover
-            pass
-    return out
-
-
-def accelerator() -> str | None:
-    """The GPUs the Keras backend computes on, e.g. "NVIDIA H200" or "2 x NVIDIA A100"
-    (None: the CPU)."""
-    backend = keras.config.backend()
-    names = []
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        names = [tf.config.experimental.get_device_details(gpu).get("device_name", "GPU")
-                 for gpu in tf.config.list_physical_devices("GPU")]
-    elif backend == "jax":
-        import jax
-
-        names = [d.device_kind for d in jax.devices() if d.platform == "gpu"]
-    elif backend == "torch":
-        import torch
-
-        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    if not names:
-        return None
-    return names[0] if len(names) == 1 else f"{len(names)} x {names[0]}"
-
-
-MACHINE_KEYS = ("accelerator", "cpu", "cpus", "keras_backend")
-
-
-def machines(record: dict[str, Any], previous: dict[str, Any] | None,
-             state: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The machines a run trained on, oldest first, each with the epoch it started at.
-
-    A run resumed on another machine (or backend) appends this one; ``previous`` is the
-    run's config.json before this process, ``state`` its checkpoint state. A config.json
-    from before this record counts as one machine from epoch 1.
-    """
-    here = {key: record.get(key) for key in MACHINE_KEYS[:3]}
-    here["keras_backend"] = record["versions"]["keras_backend"]
-    if not previous:
-        return [{**here, "from_epoch": 1}]
-    earlier = previous.get("machines") or [{
-        **{key: previous.get(key) for key in MACHINE_KEYS[:3]},
-        "keras_backend": (previous.get("versions") or {}).get("keras_backend", "tensorflow"),
-        "from_epoch": 1}]
-    last = {key: earlier[-1].get(key) for key in MACHINE_KEYS}
-    if last == here:
-        return earlier
-    return [*earlier, {**here, "from_epoch": (state or {}).get("epoch", 0) + 1}]
 
 
 def load_bundle(resolved: ResolvedConfig):
@@ -261,17 +196,15 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         rundir.check_model_dir(run_dir, {k: record[k] for k in rundir.IDENTITY_KEYS},
                                overwrite=False)
     state = rundir.read_checkpoint_state(run_dir)
+    previous = rundir.read_config(run_dir) if state is not None else None
 
-    gpus = accelerator()
+    gpus = machine.accelerator()
     gpu = gpus is not None
     policy = precision.choose_policy(resolved.mixed_precision, gpu=gpu)
     if state is not None:
-        policy = precision.resumed_policy(
-            (rundir.read_config(run_dir) or {}).get("dtype_policy"), policy)
-    # XLA: on a single GPU with TensorFlow; on JAX always (as Keras' own "auto"): op by op,
-    # JAX is many times slower.
-    jit = truthy(resolved.jit_compile, (gpu and replicas == 1)
-                 or keras.config.backend() == "jax")
+        policy = precision.resumed_policy((previous or {}).get("dtype_policy"), policy)
+    jit = truthy(resolved.jit_compile,
+                 machine.default_jit(keras.config.backend(), gpu=gpu, replicas=replicas))
 
     steps = resolved.steps_per_epoch or bundle.steps_per_epoch(batch)
     epochs = resolved.epochs
@@ -289,10 +222,9 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "cached_in_memory": bundle.cached,
         "augmentation": transforms.augmentation_style(resolved.image_size),
         "input": "raw RGB pixels 0..255 (float32); normalisation is inside the model",
-        "output": "logits", "versions": versions(),
+        "output": "logits", "versions": machine.versions(),
     })
-    record["machines"] = machines(record, rundir.read_config(run_dir) if state else None,
-                                  state)
+    record["machines"] = machine.machines(record, previous, state)
     schedule = optimization.run_schedule(resolved, steps)
 
     one_hot = one_hot_labels(num_classes)
