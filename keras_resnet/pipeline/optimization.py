@@ -118,7 +118,13 @@ def start_average(model: keras.Model) -> None:
     part-way: its step count is not 0, so Keras would average from zeros)."""
     plain_optimizer(model).build(model.trainable_variables)
     for variable, average in _average_pairs(model):
-        average.assign(variable)
+        average.assign(_copy(variable))
+
+
+def _copy(variable):
+    # On JAX, assign() keeps the very array it is given, and a train or test step donates
+    # (frees) the model's arrays: a weight and its average must never share one.
+    return keras.ops.copy(variable.value)
 
 
 def _batch_norms(model: keras.Model) -> list[keras.layers.BatchNormalization]:
@@ -210,7 +216,7 @@ def use_average(model: keras.Model, bn_batches=None) -> None:
     BatchNormalization statistics are then estimated for the average over those batches
     (:func:`estimate_bn_statistics`), or taken from an :class:`AverageBNStatistics`."""
     for variable, average in _average_pairs(model):
-        variable.assign(average)
+        variable.assign(_copy(average))
     if isinstance(bn_batches, AverageBNStatistics):
         bn_batches.apply(model)
     elif bn_batches is not None:
