@@ -334,7 +334,12 @@ def test_a_run_folder_in_use_is_refused(digits_run, tmp_path, capsys):
     assert not (tmp_path / "fresh").exists()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path, capsys):
+@pytest.mark.parametrize("every", [0, 1])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path, capsys,
+                                                           every):
+    """The guard reads each step's loss one step late, but never lets a step whose loss is
+    not finite into a checkpoint: with a checkpoint after every step, the last one written
+    is the step before."""
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
     model_bytes = (run_dir / "model.keras").read_bytes()
@@ -342,14 +347,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path,
     config = read_json(run_dir / "config.json")
     (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 1e30}))
     status, _, err = cli(capsys, *TINY, "--epochs=3", "--steps_per_epoch=3",
-                         "--learning_rate=1e30", f"--model_dir={run_dir}")
+                         "--learning_rate=1e30", f"--checkpoint_every_steps={every}",
+                         f"--model_dir={run_dir}")
     assert status == 2
     assert len(err.strip().splitlines()) == 1
-    assert "the loss became NaN or infinite at epoch 2" in err
-    assert (f"the last good checkpoint (epoch_0001.weights.h5) is kept in {run_dir}/"
+    # The first step's loss is that of the weights before its update, still finite.
+    assert "the loss became NaN or infinite at epoch 2, step 2," in err
+    kept = "epoch_0001_step_000001" if every else "epoch_0001"
+    assert (f"the last good checkpoint ({kept}.weights.h5) is kept in {run_dir}/"
             "checkpoints") in err
     state = read_json(run_dir / "checkpoints" / "checkpoint.json")
-    assert state["epoch"] == 1 and history(run_dir) == [1]
+    assert (state["epoch"], state["step"]) == (1, every) and history(run_dir) == [1]
     assert (run_dir / "model.keras").read_bytes() == model_bytes
 
 

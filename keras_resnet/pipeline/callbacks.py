@@ -53,7 +53,8 @@ class RunMonitor(keras.callbacks.Callback):
         self.first_step = first_step
         self.stop = stop
         self.agree = agree or (lambda signum: signum)
-        self.bad_step = None
+        self.bad_step = None  # (epoch, step index) of the first non-finite loss
+        self.pending_loss = (None, None)  # (loss, (epoch, step index)) not yet checked
         self.signum = 0  # the signal that stops the run (0: none)
         self.offset = first_step
 
@@ -63,20 +64,34 @@ class RunMonitor(keras.callbacks.Callback):
         self.t_train = None
 
     def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.bad_step = (self.epoch, self.offset + batch)
-            self.model.stop_training = True
+        # The NaN guard reads the previous step's loss: reading this step's would wait for
+        # the step to finish before the next one is even prepared (with a GPU, an idle
+        # device while the host makes the next batch); anything saved is checked first.
+        if not self._loss_was_finite():
             return
         step = self.offset + batch + 1
+        self.pending_loss = ((logs or {}).get("loss"), (self.epoch, step - 1))
         self.signum = self.agree(int(self.stop.signum or 0) if self.stop else 0)
         if self.signum:
             if step >= self.steps:
                 return  # the epoch ends now: its checkpoint, then the stop
+            if self._loss_was_finite():
+                self._save_checkpoint(epoch=self.epoch, step=step)
+                raise self._interrupted(step)
+            return
+        if (self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.steps
+                and self._loss_was_finite()):
             self._save_checkpoint(epoch=self.epoch, step=step)
-            raise self._interrupted(step)
-        if self.checkpoint_every and step % self.checkpoint_every == 0 and step < self.steps:
-            self._save_checkpoint(epoch=self.epoch, step=step)
+
+    def _loss_was_finite(self) -> bool:
+        """Whether the loss of the last step not yet checked was finite (else the step is
+        recorded as ``bad_step`` and training stops)."""
+        loss, where = self.pending_loss
+        self.pending_loss = (None, None)
+        if loss is not None and not math.isfinite(float(loss)):
+            self.bad_step = where
+            self.model.stop_training = True
+        return self.bad_step is None
 
     def on_test_begin(self, logs=None):
         if self.t_train is None:  # validation starts: the epoch's training part is over
@@ -84,7 +99,7 @@ class RunMonitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        if self.bad_step is not None:
+        if not self._loss_was_finite():
             return  # never checkpoint a diverged model
         steps = self.steps - self.offset
         self.offset = 0  # later epochs of this fit run whole
