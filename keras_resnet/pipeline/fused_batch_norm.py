@@ -26,11 +26,11 @@ MirroredStrategy each replica normalises with its own batch, as the stock layer 
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import keras
 
 from keras_resnet import blocks
+from keras_resnet.pipeline import machine
 
 # cuDNN refuses epsilon below 1e-5; TensorFlow's own wrapper raises it to this value.
 _CUDNN_MIN_EPSILON = 1.001e-5
@@ -52,7 +52,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
         stats = self.moving_mean
         gamma = self.gamma if self.scale else tf.ones_like(stats)
         beta = self.beta if self.center else tf.zeros_like(stats)
-        epsilon = max(self.epsilon, _CUDNN_MIN_EPSILON) if _has_gpu() else self.epsilon
+        epsilon = self.epsilon
+        if machine.accelerator("tensorflow"):  # cuDNN's kernel
+            epsilon = max(epsilon, _CUDNN_MIN_EPSILON)
         train = bool(training) and self.trainable
         if not train:
             y, *_ = tf.raw_ops.FusedBatchNormV3(
@@ -88,13 +90,6 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
 # Input dtypes FusedBatchNormV3 takes (with float32 statistics).
 _KERNEL_DTYPES = ("float32", "bfloat16", "float16")
-
-
-@functools.cache
-def _has_gpu() -> bool:
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ Keras backend is TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import platform
 from typing import Any
@@ -22,7 +23,11 @@ MACHINE_KEYS = ("accelerator", "cpu", "cpus", "keras_backend")
 def accelerator(backend: str | None = None) -> str | None:
     """The GPUs ``backend`` (default: the Keras backend) computes on, e.g. "NVIDIA H200"
     or "2 x NVIDIA A100" (None: the CPU)."""
-    backend = backend or keras.config.backend()
+    return _accelerator(backend or keras.config.backend())
+
+
+@functools.cache  # a process keeps its devices; layers ask at every trace
+def _accelerator(backend: str) -> str | None:
     if backend == "tensorflow":
         import tensorflow as tf
 
