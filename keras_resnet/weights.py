@@ -60,7 +60,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet32_cifar10.json")},
     "resnet44": {"cifar10": Pretrained(
         file="resnet44_cifar10.h5",
-        sha256="d489616051612812debeb4034e72cf819d506afd3524a824403ef07a4c16ea6a",
+        sha256="7976522057460a23348ae9d7a6c7c12f664bbe0aa9c03fa9fb61dbb47ceb2b0c",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
     "resnet56": {"cifar10": Pretrained(
         file="resnet56_cifar10.h5",
