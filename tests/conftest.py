@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -126,6 +127,12 @@ def cifar_run_template(tmp_path_factory, cifar_small) -> Path:
     (template / "config.json").write_text(json.dumps(config, indent=1))
     (template / "labels.txt").write_text("\n".join(bundle.class_names) + "\n")
     return template
+
+
+def history_rows(run_dir) -> list[dict[str, float]]:
+    """A run's history.csv, one dict of floats per epoch (columns it left empty left out)."""
+    with open(Path(run_dir) / "history.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def saved_layers(path) -> tuple[set, set]:

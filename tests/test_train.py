@@ -7,7 +7,6 @@ and distribution state never leak between tests.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import errno
 import json
@@ -27,6 +26,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import TEST_ENV as ENV
+from conftest import history_rows as rows
 from conftest import saved_layers, tool, tool_error, tool_subprocess
 
 import keras_resnet
@@ -45,12 +45,6 @@ def cli(capsys, *args):
 
 def run_cli(*args, timeout=600):
     return tool_subprocess("train", *args, timeout=timeout)
-
-
-def rows(run_dir):
-    """history.csv, one dict of floats per epoch (columns it left empty left out)."""
-    with open(Path(run_dir) / "history.csv") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def history(run_dir):

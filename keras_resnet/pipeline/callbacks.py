@@ -73,9 +73,8 @@ class RunMonitor(keras.callbacks.Callback):
         self.pending_loss = ((logs or {}).get("loss"), (self.epoch, step - 1))
         self.signum = self.agree(int(self.stop.signum or 0) if self.stop else 0)
         if self.signum:
-            if step >= self.steps:
-                return  # the epoch ends now: its checkpoint, then the stop
-            if self._loss_was_finite():
+            # At the epoch's last step: its checkpoint, then the stop (on_epoch_end).
+            if step < self.steps and self._loss_was_finite():
                 self._save_checkpoint(epoch=self.epoch, step=step)
                 raise self._interrupted(step)
             return
