@@ -331,9 +331,9 @@ def test_a_run_folder_in_use_is_refused(digits_run, tmp_path, capsys):
 @pytest.mark.parametrize("every", [0, 1])
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path, capsys,
                                                            every):
-    """The guard reads each step's loss one step late, but never lets a step whose loss is
-    not finite into a checkpoint: with a checkpoint after every step, the last one written
-    is the step before."""
+    """The guard reads each step's loss one step late, yet never lets a step whose loss is
+    not finite into a checkpoint, and a checkpoint of the weights that gave such a loss
+    (written after the step before, with ``--checkpoint_every_steps=1``) is deleted."""
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
     model_bytes = (run_dir / "model.keras").read_bytes()
@@ -347,12 +347,49 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path,
     assert len(err.strip().splitlines()) == 1
     # The first step's loss is that of the weights before its update, still finite.
     assert "the loss became NaN or infinite at epoch 2, step 2," in err
-    kept = "epoch_0001_step_000001" if every else "epoch_0001"
-    assert (f"the last good checkpoint ({kept}.weights.h5) is kept in {run_dir}/"
+    assert (f"the last good checkpoint (epoch_0001.weights.h5) is kept in {run_dir}/"
             "checkpoints") in err
     state = read_json(run_dir / "checkpoints" / "checkpoint.json")
-    assert (state["epoch"], state["step"]) == (1, every) and history(run_dir) == [1]
+    assert (state["epoch"], state["step"], state["weights"]) == (1, 0, "epoch_0001.weights.h5")
+    assert [c["weights"] for c in state["checkpoints"]] == ["epoch_0001.weights.h5"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "checkpoint.json", "epoch_0001.weights.h5"]
+    assert history(run_dir) == [1]
     assert (run_dir / "model.keras").read_bytes() == model_bytes
+
+
+def test_nan_with_no_good_checkpoint_left_starts_the_run_again(digits_run, tmp_path, capsys):
+    """Keeping one checkpoint, the only one left holds the weights that gave the bad loss:
+    it goes, with the record of it, so the next run starts again, with other options too."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(digits_run, run_dir)
+    config = read_json(run_dir / "config.json")
+    (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 1e30}))
+    status, _, err = cli(capsys, *TINY, "--epochs=3", "--steps_per_epoch=3",
+                         "--learning_rate=1e30", "--checkpoint_every_steps=1",
+                         "--keep_checkpoints=1", f"--model_dir={run_dir}")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert ("the loss became NaN or infinite at epoch 2, step 2, so training stopped; the "
+            "only checkpoint kept held the weights that gave it and was deleted") in err
+    assert list((run_dir / "checkpoints").iterdir()) == []
+    assert not (run_dir / "history.csv").exists()
+    status, out, err = cli(capsys, *TINY, "--epochs=1", "--steps_per_epoch=3",
+                           f"--model_dir={run_dir}")
+    assert status == 0, err
+    assert "resuming" not in out and history(run_dir) == [1]
+
+
+def test_weights_diverged_in_the_last_step_are_never_saved(tmp_path, capsys):
+    """A step whose own loss is finite can leave diverged weights: the validation loss
+    after the epoch shows it, and neither a checkpoint nor a model is written."""
+    run_dir = tmp_path / "run"
+    status, _, err = cli(capsys, *TINY, "--epochs=2", "--steps_per_epoch=1",
+                         "--learning_rate=1e30", f"--model_dir={run_dir}")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert ("the validation loss became NaN or infinite after epoch 1, so training stopped; "
+            "no checkpoint had been written") in err
+    assert not (run_dir / "checkpoints" / "checkpoint.json").exists()
+    assert not (run_dir / "model.keras").exists() and not (run_dir / "best.keras").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -53,7 +53,11 @@ class RunMonitor(keras.callbacks.Callback):
         self.first_step = first_step
         self.stop = stop
         self.agree = agree or (lambda signum: signum)
-        self.bad_step = None  # (epoch, step index) of the first non-finite loss
+        # Where the weights stood whose loss was not finite: (epoch, steps into it); the
+        # loss was the training loss of that step, or with ``bad_in_validation`` the
+        # validation loss after the epoch's last step.
+        self.bad_step = None
+        self.bad_in_validation = False
         self.pending_loss = (None, None)  # (loss, (epoch, step index)) not yet checked
         self.signum = 0  # the signal that stops the run (0: none)
         self.offset = first_step
@@ -100,6 +104,13 @@ class RunMonitor(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         if not self._loss_was_finite():
             return  # never checkpoint a diverged model
+        val_loss = logs.get("val_loss")
+        if val_loss is not None and not math.isfinite(val_loss):
+            # The weights the epoch ended with are diverged, though its training losses
+            # (computed before each update) were finite.
+            self.bad_step, self.bad_in_validation = (epoch, self.steps), True
+            self.model.stop_training = True
+            return
         steps = self.steps - self.offset
         self.offset = 0  # later epochs of this fit run whole
         train_time = self.t_train or (time.perf_counter() - self.t0)

@@ -262,15 +262,55 @@ def read_checkpoint_state(model_dir) -> dict[str, Any] | None:
             damaged.append(f"{entry['weights']} ({problem})")
             continue
         resumed = dict(state)
-        resumed.update({k: entry[k] for k in CHECKPOINT_STATE_KEYS if k in entry})
-        resumed.setdefault("step", 0)
-        if "history" in entry:
-            resumed["history"] = state.get("history", [])[:entry["history"]]
-        resumed.update(weights=entry["weights"], checkpoints=entries[:index + 1],
-                       damaged=damaged)
+        _go_back(resumed, entries[:index + 1])
+        resumed["damaged"] = damaged
         return resumed
     raise RunDirError(f"no checkpoint in {folder} is intact ({'; '.join(damaged)}); pass "
                       "overwrite=True to start the run again")
+
+
+def _go_back(state: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    """Sets ``state`` to the run's state when the last of ``entries`` was written (its
+    epoch, step, best score and history), with ``entries`` as the kept checkpoints."""
+    entry = entries[-1]
+    state.update({k: entry[k] for k in CHECKPOINT_STATE_KEYS if k in entry})
+    state.setdefault("step", 0)
+    if "history" in entry:
+        state["history"] = state.get("history", [])[:entry["history"]]
+    state.update(weights=entry["weights"], checkpoints=entries)
+
+
+def discard_newest_checkpoint(model_dir, state: dict[str, Any], *, write: bool = True) -> None:
+    """Forgets the newest checkpoint of ``state``, whose weights proved bad (a loss computed
+    with them was not finite).
+
+    ``state`` goes back to the checkpoint kept before it, which checkpoint.json and
+    history.csv then record, and the file is deleted; with none kept before it, the
+    folder's checkpoint.json and history.csv go too, so the run starts again (with any
+    options) when it is run next. ``write=False`` changes ``state`` only (a worker that
+    writes nothing).
+    """
+    bad = state.pop("weights")
+    entries = [e for e in state.pop("checkpoints", []) if e["weights"] != bad]
+    if entries:
+        _go_back(state, entries)
+    if not write:
+        return
+    folder = os.path.join(model_dir, CHECKPOINTS)
+    if entries:
+        _write_state(model_dir, state)
+    else:
+        for path in (os.path.join(folder, CHECKPOINT_STATE), os.path.join(model_dir, HISTORY)):
+            if os.path.exists(path):
+                os.remove(path)
+    os.remove(os.path.join(folder, bad))
+
+
+def _write_state(model_dir, state: dict[str, Any]) -> None:
+    """Writes checkpoint.json (the kept checkpoints and the run's state) and history.csv."""
+    write_json(os.path.join(model_dir, CHECKPOINTS, CHECKPOINT_STATE),
+               {k: v for k, v in state.items() if k != "damaged"})
+    write_history(model_dir, state["history"])
 
 
 def checkpoint_path(model_dir, state: dict[str, Any]) -> str:
@@ -300,9 +340,7 @@ def save_checkpoint(model_dir, save_weights, state: dict[str, Any], *, keep: int
     entries = [e for e in state.get("checkpoints", []) if e["weights"] != name] + [entry]
     state["checkpoints"] = entries[-keep:]
     state["weights"] = name
-    record = {k: v for k, v in state.items() if k != "damaged"}
-    write_json(os.path.join(folder, CHECKPOINT_STATE), record)
-    write_history(model_dir, state["history"])
+    _write_state(model_dir, state)
     kept = {e["weights"] for e in state["checkpoints"]}
     for old in os.listdir(folder):
         if (old.startswith("epoch_") and old.endswith(".weights.h5") and ".tmp" not in old

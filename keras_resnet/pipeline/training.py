@@ -319,13 +319,24 @@ def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, pha
             break
     if monitor.bad_step is not None:
         bad_epoch, bad_batch = monitor.bad_step
-        kept = (f"the last good checkpoint ({state['weights']}) is kept in "
-                f"{run_dir}/{rundir.CHECKPOINTS}" if state.get("weights") else
-                "no checkpoint had been written")
-        raise TrainingStopped(
-            f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step "
-            f"{bad_batch + 1}, so training stopped; {kept}; lower learning_rate or check "
-            "the data")
+        # A checkpoint of the very weights that gave the loss is no good to resume from.
+        discarded = state.get("weights") == rundir.checkpoint_name(bad_epoch, bad_batch)
+        if discarded:
+            rundir.discard_newest_checkpoint(run_dir, state, write=chief)
+        where = (f"the validation loss became NaN or infinite after epoch {bad_epoch + 1}"
+                 if monitor.bad_in_validation else
+                 f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step "
+                 f"{bad_batch + 1}")
+        if state.get("weights"):
+            kept = (f"the last good checkpoint ({state['weights']}) is kept in "
+                    f"{run_dir}/{rundir.CHECKPOINTS}")
+        elif discarded:
+            kept = ("the only checkpoint kept held the weights that gave it and was deleted, "
+                    "so the run starts again when run next")
+        else:
+            kept = "no checkpoint had been written"
+        raise TrainingStopped(f"{where}, so training stopped; {kept}; lower learning_rate "
+                              "or check the data")
 
 
 def average_bn_batches(resolved, bundle):
