@@ -1,5 +1,5 @@
-"""In-memory training input (keras_resnet.pipeline.arrays) and training on the JAX backend
-without TensorFlow."""
+"""In-memory training input (keras_resnet.pipeline.arrays) and training on the JAX and
+PyTorch backends without TensorFlow."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_load_arrays_refuses_what_it_cannot_do(folder):
         bundle_of(folder, batch_size=64)
 
 
-# --------------------------------------------------------------------------- JAX runs
+# ------------------------------------------------------------------ JAX and PyTorch runs
 
 # Runs a tool with TensorFlow unimportable, as on a machine with JAX and no TensorFlow.
 NO_TF = textwrap.dedent(
@@ -147,38 +147,47 @@ NO_TF = textwrap.dedent(
 )
 
 
-def train_without_tensorflow(*args):
-    pytest.importorskip("jax", reason="training on the JAX backend needs jax "
-                                      "(pip install -e .[dev])")
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+# The backends tools/train.py runs on without TensorFlow; each test skips where its
+# backend is not installed (jax comes with the dev extra, torch with the torch extra).
+BACKENDS = ("jax", "torch")
+
+
+def train_without_tensorflow(backend, *args):
+    extra = "dev" if backend == "jax" else "torch"
+    pytest.importorskip(backend, reason=f"training on the {backend} backend needs {backend} "
+                                        f"(pip install -e .[{extra}])")
+    # The CPU, as in CI, whatever the machine has.
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(
         [sys.executable, "-c", NO_TF, str(REPO / "tools"), str(REPO / "tools/train.py"),
          *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_train_on_jax_without_tensorflow_then_resume(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_without_tensorflow_then_resume(backend, tmp_path):
     images = make_folder(tmp_path / "images", classes=("a", "b"), per_class=24)
     run = tmp_path / "run"
     flags = ["--depth=8", "--dataset=folder", f"--data_dir={images}", "--batch_size=8",
              "--learning_rate=0.01", "--warmup_epochs=0", "--val_fraction=0.25",
              f"--model_dir={run}", "--verbose=false"]
-    first = train_without_tensorflow(*flags, "--epochs=1")
+    first = train_without_tensorflow(backend, *flags, "--epochs=1")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     assert "epoch 1/1" in first.stdout and "done: " in first.stdout
     config = json.loads((run / "config.json").read_text())
-    assert config["versions"]["keras_backend"] == "jax" and "tensorflow" not in config[
+    assert config["versions"]["keras_backend"] == backend and "tensorflow" not in config[
         "versions"]
-    assert config["strategy_resolved"] == "OneDevice (jax)"
-    assert config["jit_compile_resolved"] is True
-    assert config["accelerator"] is None  # JAX_PLATFORMS=cpu
+    assert config["strategy_resolved"] == f"OneDevice ({backend})"
+    # XLA always on JAX; no torch.compile (Keras' "auto") on PyTorch.
+    assert config["jit_compile_resolved"] is (backend == "jax")
+    assert config["accelerator"] is None
     assert (config["train_images"], config["val_images"]) == (36, 12)
     assert config["machines"] == [{"accelerator": None, "cpu": config["cpu"],
-                                   "cpus": config["cpus"], "keras_backend": "jax",
+                                   "cpus": config["cpus"], "keras_backend": backend,
                                    "from_epoch": 1}]
     # As if the first epoch had run on another machine: the resumed run adds this one.
     config["machines"][0]["cpu"] = "another CPU"
     (run / "config.json").write_text(json.dumps(config))
-    second = train_without_tensorflow(*flags, "--epochs=2")
+    second = train_without_tensorflow(backend, *flags, "--epochs=2")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stdout and "epoch 2/2" in second.stdout
     machines = json.loads((run / "config.json").read_text())["machines"]
@@ -195,9 +204,11 @@ def test_train_on_jax_without_tensorflow_then_resume(tmp_path):
     assert (run / "labels.txt").read_text().split() == ["a", "b"]
 
 
-def test_weight_average_on_jax_is_scored_saved_and_resumed(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_average_without_tensorflow_is_scored_saved_and_resumed(backend, tmp_path):
     """On JAX a train or test step frees the arrays it is given: the average swapped in to
-    be scored, saved as best.keras and resumed must never share an array with the weights."""
+    be scored, saved as best.keras and resumed must never share an array with the weights.
+    The same on PyTorch."""
     images = make_folder(tmp_path / "images", classes=("a", "b"), per_class=24)
     flags = ["--depth=8", "--dataset=folder", f"--data_dir={images}", "--batch_size=8",
              "--learning_rate=0.01", "--lr_schedule=constant", "--warmup_epochs=0",
@@ -205,7 +216,8 @@ def test_weight_average_on_jax_is_scored_saved_and_resumed(tmp_path):
              "--verbose=false"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run, epochs in ((straight, 2), (resumed, 1), (resumed, 2)):
-        result = train_without_tensorflow(*flags, f"--epochs={epochs}", f"--model_dir={run}")
+        result = train_without_tensorflow(backend, *flags, f"--epochs={epochs}",
+                                          f"--model_dir={run}")
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         assert f"epoch {epochs}/{epochs}" in result.stdout
         assert "ema_val_top1" in result.stdout
@@ -223,14 +235,15 @@ def test_weight_average_on_jax_is_scored_saved_and_resumed(tmp_path):
                 None, 2)
 
 
-def test_tensorflow_only_options_are_one_line_errors_on_jax(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensorflow_only_options_are_one_line_errors_without_tensorflow(backend, tmp_path):
     images = make_folder(tmp_path / "images", classes=("a", "b"), per_class=4)
     for flag, message in (("--strategy=mirrored", "strategy=mirrored needs the TensorFlow "
                                                   "backend"),
                           ("--dataset=cifar10", "dataset=cifar10 needs TensorFlow")):
         args = ["--depth=8", "--dataset=folder", f"--data_dir={images}", flag,
                 f"--model_dir={tmp_path / 'run'}"]
-        result = train_without_tensorflow(*args)
+        result = train_without_tensorflow(backend, *args)
         err = result.stderr.strip().splitlines()[-1]
         assert result.returncode == 2 and err.startswith("error: ") and message in err, (
             result.stderr[-2000:])

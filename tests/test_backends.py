@@ -1,4 +1,6 @@
-"""The model code is backend-neutral: the same models build, train and agree under JAX."""
+"""The model code is backend-neutral: the same models build, train and agree under JAX and
+PyTorch (each test skips where its backend is not installed: jax comes with the dev extra,
+torch with the torch extra)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,15 @@ import pytest
 
 import keras_resnet as kr
 
-pytest.importorskip("jax", reason="the JAX backend test needs jax (pip install -e .[dev])")
-
 SCRIPT = textwrap.dedent(
     """
     import dataclasses, json, sys
     import keras, numpy as np
     import keras_resnet as kr
-    assert keras.backend.backend() == "jax"
+    assert keras.backend.backend() == sys.argv[2]
     keras.utils.set_random_seed(0)
     out = {}
-    for name in sys.argv[2:]:
+    for name in sys.argv[3:]:
         c = kr.VARIANTS[name]
         c = dataclasses.replace(c, depths=(2,) * len(c.depths),
                                 widths=tuple(16 * 2**i for i in range(len(c.depths))),
@@ -40,13 +40,16 @@ SCRIPT = textwrap.dedent(
         out[name] = [losses[0], float(np.median(losses[-4:]))]
     saved = keras.models.load_model(sys.argv[1] + "/model.keras")
     x = np.load(sys.argv[1] + "/x.npy")
-    np.save(sys.argv[1] + "/jax_out.npy", np.asarray(saved.predict(x, verbose=0)))
+    np.save(sys.argv[1] + "/out.npy", np.asarray(saved.predict(x, verbose=0)))
     print(json.dumps(out))
     """
 )
 
 
-def test_models_build_train_and_agree_under_jax(tmp_path):
+@pytest.mark.parametrize("backend, extra", [("jax", "dev"), ("torch", "torch")])
+def test_models_build_train_and_agree_under_another_backend(backend, extra, tmp_path):
+    pytest.importorskip(backend, reason=f"the {backend} backend test needs {backend} "
+                                        f"(pip install -e .[{extra}])")
     model = kr.ResNet50(input_shape=(64, 64, 3), classes=10, include_preprocessing=True)
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     model.save(tmp_path / "model.keras")
@@ -56,8 +59,9 @@ def test_models_build_train_and_agree_under_jax(tmp_path):
     # wide pre-activation basic; the saved ResNet50 checks the plain net's outputs.
     names = ["resnet20", "resnet50d", "resnet50v2", "se_resnet50", "resnext50_32x4d",
              "wrn_16_8"]
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), *names], env=env,
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), backend, *names],
+                          env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -65,4 +69,4 @@ def test_models_build_train_and_agree_under_jax(tmp_path):
         before, after = losses[name]
         assert after < before, (name, before, after)
     tf_out = model.predict(x, verbose=0)
-    np.testing.assert_allclose(np.load(tmp_path / "jax_out.npy"), tf_out, atol=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), tf_out, atol=1e-4)
