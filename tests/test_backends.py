@@ -41,6 +41,9 @@ SCRIPT = textwrap.dedent(
     saved = keras.models.load_model(sys.argv[1] + "/model.keras")
     x = np.load(sys.argv[1] + "/x.npy")
     np.save(sys.argv[1] + "/out.npy", np.asarray(saved.predict(x, verbose=0)))
+    shipped = kr.ResNet20(weights="cifar10")
+    x32 = np.load(sys.argv[1] + "/x32.npy")
+    np.save(sys.argv[1] + "/shipped_out.npy", np.asarray(shipped.predict(x32, verbose=0)))
     print(json.dumps(out))
     """
 )
@@ -54,6 +57,9 @@ def test_models_build_train_and_agree_under_another_backend(backend, extra, tmp_
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     model.save(tmp_path / "model.keras")
     np.save(tmp_path / "x.npy", x)
+    # The shipped CIFAR-10 weights too (stored in float16, loaded in float32).
+    x32 = np.random.default_rng(1).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    np.save(tmp_path / "x32.npy", x32)
     # One variant per block kind trains: CIFAR basic, bottleneck (deep stem, average-pool
     # shortcuts), pre-activation bottleneck, squeeze-excitation, grouped convolutions,
     # wide pre-activation basic; the saved ResNet50 checks the plain net's outputs.
@@ -70,3 +76,5 @@ def test_models_build_train_and_agree_under_another_backend(backend, extra, tmp_
         assert after < before, (name, before, after)
     tf_out = model.predict(x, verbose=0)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), tf_out, atol=1e-4)
+    shipped_out = kr.ResNet20(weights="cifar10").predict(x32, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "shipped_out.npy"), shipped_out, atol=1e-5)
