@@ -347,8 +347,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path,
     assert len(err.strip().splitlines()) == 1
     # The first step's loss is that of the weights before its update, still finite.
     assert "the loss became NaN or infinite at epoch 2, step 2," in err
-    assert (f"the last good checkpoint (epoch_0001.weights.h5) is kept in {run_dir}/"
-            "checkpoints") in err
+    assert err.strip().endswith(
+        f"the last good checkpoint (epoch_0001.weights.h5) is kept in {run_dir}/checkpoints; "
+        "start again with a lower --learning_rate (--overwrite or another --model_dir) or "
+        "check the data")
     state = read_json(run_dir / "checkpoints" / "checkpoint.json")
     assert (state["epoch"], state["step"], state["weights"]) == (1, 0, "epoch_0001.weights.h5")
     assert [c["weights"] for c in state["checkpoints"]] == ["epoch_0001.weights.h5"]
@@ -370,7 +372,8 @@ def test_nan_with_no_good_checkpoint_left_starts_the_run_again(digits_run, tmp_p
                          "--keep_checkpoints=1", f"--model_dir={run_dir}")
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert ("the loss became NaN or infinite at epoch 2, step 2, so training stopped; the "
-            "only checkpoint kept held the weights that gave it and was deleted") in err
+            "only checkpoint kept held the weights that gave it and was deleted, so the run "
+            "starts again when run next; lower --learning_rate or check the data") in err
     assert list((run_dir / "checkpoints").iterdir()) == []
     assert not (run_dir / "history.csv").exists()
     status, out, err = cli(capsys, *TINY, "--epochs=1", "--steps_per_epoch=3",
@@ -387,7 +390,7 @@ def test_weights_diverged_in_the_last_step_are_never_saved(tmp_path, capsys):
                          "--learning_rate=1e30", f"--model_dir={run_dir}")
     assert status == 2 and len(err.strip().splitlines()) == 1
     assert ("the validation loss became NaN or infinite after epoch 1, so training stopped; "
-            "no checkpoint had been written") in err
+            "no checkpoint had been written; lower --learning_rate or check the data") in err
     assert not (run_dir / "checkpoints" / "checkpoint.json").exists()
     assert not (run_dir / "model.keras").exists() and not (run_dir / "best.keras").exists()
 

@@ -327,16 +327,18 @@ def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, pha
                  if monitor.bad_in_validation else
                  f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step "
                  f"{bad_batch + 1}")
+        # A folder with a checkpoint resumes only with the options it was started with.
         if state.get("weights"):
             kept = (f"the last good checkpoint ({state['weights']}) is kept in "
-                    f"{run_dir}/{rundir.CHECKPOINTS}")
+                    f"{run_dir}/{rundir.CHECKPOINTS}; start again with a lower learning_rate "
+                    "(overwrite=True or another model_dir) or check the data")
         elif discarded:
             kept = ("the only checkpoint kept held the weights that gave it and was deleted, "
-                    "so the run starts again when run next")
+                    "so the run starts again when run next; lower learning_rate or check "
+                    "the data")
         else:
-            kept = "no checkpoint had been written"
-        raise TrainingStopped(f"{where}, so training stopped; {kept}; lower learning_rate "
-                              "or check the data")
+            kept = "no checkpoint had been written; lower learning_rate or check the data"
+        raise TrainingStopped(f"{where}, so training stopped; {kept}")
 
 
 def average_bn_batches(resolved, bundle):
