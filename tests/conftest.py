@@ -25,6 +25,17 @@ sys.path.insert(0, str(REPO / "tools"))
 CIFAR_TAR = Path(
     os.environ.get("KERAS_RESNET_CIFAR_TAR", REPO.parent / "shared/datasets/cifar10/train.tar.gz")
 )
+# The Keras backends other than TensorFlow that tests run where installed, and the extra
+# that installs each (CI installs the dev extra: JAX only).
+BACKEND_EXTRAS = {"jax": "dev", "torch": "torch"}
+
+
+def skip_without_backend(backend: str, what: str) -> None:
+    """Skips the calling test, naming the extra to install, where ``backend`` is absent."""
+    pytest.importorskip(backend, reason=f"{what} needs {backend} "
+                                        f"(pip install -e .[{BACKEND_EXTRAS[backend]}])")
+
+
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                  "ship", "truck")
 

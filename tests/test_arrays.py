@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, history_rows
+from conftest import BACKEND_EXTRAS, REPO, history_rows, skip_without_backend
 from PIL import Image
 
 from keras_resnet.pipeline import arrays, sources
@@ -147,15 +147,13 @@ NO_TF = textwrap.dedent(
 )
 
 
-# The backends tools/train.py runs on without TensorFlow; each test skips where its
-# backend is not installed (jax comes with the dev extra, torch with the torch extra).
-BACKENDS = ("jax", "torch")
+# The backends tools/train.py runs on without TensorFlow (each test skips where its backend
+# is not installed).
+BACKENDS = tuple(BACKEND_EXTRAS)
 
 
 def train_without_tensorflow(backend, *args):
-    extra = "dev" if backend == "jax" else "torch"
-    pytest.importorskip(backend, reason=f"training on the {backend} backend needs {backend} "
-                                        f"(pip install -e .[{extra}])")
+    skip_without_backend(backend, f"training on the {backend} backend")
     # The CPU, as in CI, whatever the machine has.
     env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(

@@ -1,6 +1,5 @@
 """The model code is backend-neutral: the same models build, train and agree under JAX and
-PyTorch (each test skips where its backend is not installed: jax comes with the dev extra,
-torch with the torch extra)."""
+PyTorch (each skips where its backend is not installed)."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import BACKEND_EXTRAS, skip_without_backend
 
 import keras_resnet as kr
 
@@ -49,10 +49,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend, extra", [("jax", "dev"), ("torch", "torch")])
-def test_models_build_train_and_agree_under_another_backend(backend, extra, tmp_path):
-    pytest.importorskip(backend, reason=f"the {backend} backend test needs {backend} "
-                                        f"(pip install -e .[{extra}])")
+@pytest.mark.parametrize("backend", tuple(BACKEND_EXTRAS))
+def test_models_build_train_and_agree_under_another_backend(backend, tmp_path):
+    skip_without_backend(backend, f"the {backend} backend test")
     model = kr.ResNet50(input_shape=(64, 64, 3), classes=10, include_preprocessing=True)
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     model.save(tmp_path / "model.keras")
@@ -67,8 +66,7 @@ def test_models_build_train_and_agree_under_another_backend(backend, extra, tmp_
              "wrn_16_8"]
     env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), backend, *names],
-                          env=env,
-                          capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in names:
