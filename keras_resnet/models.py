@@ -13,8 +13,8 @@ from keras_resnet.configs import ResNetConfig
 POOLINGS = (None, "avg", "max")
 
 # Pixel statistics for include_preprocessing=True, inputs in 0..255 RGB.
-_IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-_IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
@@ -177,7 +177,7 @@ def _preprocess(x, *, weights, config):
         bias = -np.asarray(_CAFFE_MEAN_BGR, dtype="float32")
     else:
         mean, std = ((127.5,) * 3, (127.5,) * 3) if weights == "imagenet" else (
-            _IMAGENET_MEAN, _IMAGENET_STD)
+            IMAGENET_MEAN, IMAGENET_STD)
         kernel = np.diag(1.0 / np.asarray(std)).astype("float32")
         bias = (-np.asarray(mean) / np.asarray(std)).astype("float32")
     layer = blocks.library().layers.Conv2D(3, 1, trainable=False, name="preprocess")

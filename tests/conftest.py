@@ -172,6 +172,20 @@ def require_mediapipe() -> None:
         pytest.skip(problem)
 
 
+def square_of_fill(image, size):
+    """(rows, cols) of the pixels of ``image`` that hold the Cutout fill, checked to form
+    one axis-aligned rectangle of at most ``size`` x ``size``."""
+    from keras_resnet.pipeline.transforms import CUTOUT_FILL
+
+    mask = np.all(image == np.asarray(CUTOUT_FILL, image.dtype), axis=-1)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    assert len(rows) and len(cols), "no square of the fill"
+    assert rows[-1] - rows[0] + 1 == len(rows) <= size
+    assert cols[-1] - cols[0] + 1 == len(cols) <= size
+    assert mask.sum() == len(rows) * len(cols), "the filled pixels are not one rectangle"
+    return rows, cols
+
+
 def litert_scores(content: bytes, images) -> np.ndarray:
     """Float outputs of a .tflite flatbuffer on the LiteRT interpreter."""
     from keras_resnet.pipeline.litert import LiteRTModel

@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import BACKEND_EXTRAS, REPO, history_rows, skip_without_backend
+from conftest import BACKEND_EXTRAS, REPO, history_rows, skip_without_backend, square_of_fill
 from PIL import Image
 
 from keras_resnet.pipeline import arrays, sources
@@ -120,6 +120,28 @@ def test_augmentation_is_a_padded_crop_and_flip():
         shifts.add((t, left))
     assert 16 < flips < 48  # about half are mirrored
     assert len(shifts) > 10  # offsets vary per image
+
+
+def test_cutout_sets_one_clipped_square_per_image_after_the_crop_and_flip(folder):
+    images = np.full((256, 32, 32, 3), 7, np.uint8)
+    out = arrays.cutout(images, np.random.default_rng(0), 16)
+    sides, corners = set(), set()
+    for got in out:
+        rows, cols = square_of_fill(got, 16)
+        keep = np.ones((32, 32), bool)
+        keep[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = False
+        assert np.all(got[keep] == 7)
+        sides.update((len(rows), len(cols)))
+        corners.add((rows[0], cols[0]))
+    assert 16 in sides and min(sides) <= 10 and len(corners) > 100
+    # In a stream the crops and flips are those drawn without Cutout; a square changes.
+    plain, cut = bundle_of(folder).epochs(1)[0], bundle_of(folder, cutout=8).epochs(1)[0]
+    np.testing.assert_array_equal(plain[1], cut[1])
+    for before, after in zip(plain[0], cut[0], strict=True):
+        rows, cols = square_of_fill(after, 8)
+        changed = np.any(before != after, axis=-1)
+        changed[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = False
+        assert not changed.any()
 
 
 def test_load_arrays_refuses_what_it_cannot_do(folder):

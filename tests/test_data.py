@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import square_of_fill
 
-from keras_resnet.pipeline import data, sources
+from keras_resnet.pipeline import data, sources, transforms
 from keras_resnet.pipeline.errors import DataError
 
 
@@ -114,6 +115,45 @@ def test_augmentation_styles():
     x_aug, y_aug = next(iter(aug.epochs(0)))
     np.testing.assert_array_equal(y_plain, y_aug)  # same order; only pixels move
     assert not np.array_equal(x_plain, x_aug)
+
+
+def test_cutout_sets_one_clipped_square_to_the_fill():
+    image = tf.fill([32, 32, 3], 7.0)
+    sides, corners = set(), set()
+    for i in range(200):
+        out = transforms.cutout(image, tf.constant([5, i], tf.int64), 16).numpy()
+        rows, cols = square_of_fill(out, 16)
+        keep = np.ones((32, 32), bool)
+        keep[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = False
+        assert np.all(out[keep] == 7.0)
+        sides.update((len(rows), len(cols)))
+        corners.add((rows[0], cols[0]))
+        again = transforms.cutout(image, tf.constant([5, i], tf.int64), 16).numpy()
+        np.testing.assert_array_equal(out, again)  # a pure function of the seed
+    # the centre is uniform over the image: whole squares inside, clipped ones at edges
+    assert 16 in sides and min(sides) <= 10 and len(corners) > 100
+    assert transforms.CUTOUT_FILL == (124, 116, 104)  # ImageNet mean, as the model's
+
+
+def test_cutout_comes_after_the_same_crops_and_flips():
+    """With cutout the pipeline draws its crops and flips as without; only a square of each
+    image changes, to the fill."""
+    plain = data.load_data("digits", image_size=32, batch_size=16)
+    cut = data.load_data("digits", image_size=32, batch_size=16, cutout=8)
+    for epoch in (0, 1):
+        (x_plain, y_plain), (x_cut, y_cut) = (
+            (x.numpy(), y.numpy()) for x, y in (next(iter(b.epochs(epoch)))
+                                                for b in (plain, cut)))
+        np.testing.assert_array_equal(y_plain, y_cut)
+        for before, after in zip(x_plain, x_cut, strict=True):
+            rows, cols = square_of_fill(after, 8)
+            changed = np.any(before != after, axis=-1)
+            assert not changed[:rows[0]].any() and not changed[rows[-1] + 1:].any()
+            assert not changed[:, :cols[0]].any() and not changed[:, cols[-1] + 1:].any()
+    unaugmented = data.load_data("digits", image_size=32, batch_size=16, augment=False,
+                                 cutout=8)
+    x = next(iter(unaugmented.epochs(0)))[0].numpy()
+    assert not np.all(x == np.asarray(transforms.CUTOUT_FILL, x.dtype), axis=-1).any()
 
 
 # --------------------------------------------------------------------------- folders

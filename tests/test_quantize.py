@@ -35,10 +35,12 @@ def run_dir(tmp_path_factory, cifar_run_template):
 def qat_run(run_dir):
     """The run after ``tools/qat.py --epochs=1`` (12 fine-tuning steps of 64 images).
 
-    The run's config says it was trained with label smoothing 0.1, which QAT takes over.
+    The run's config says it was trained with label smoothing 0.1 and Cutout 8, which QAT
+    takes over.
     """
     config = json.loads((run_dir / "config.json").read_text())
-    (run_dir / "config.json").write_text(json.dumps({**config, "label_smoothing": 0.1}))
+    (run_dir / "config.json").write_text(json.dumps({**config, "label_smoothing": 0.1,
+                                                     "cutout": 8}))
     result = tool_subprocess("qat", f"--model_dir={run_dir}", "--epochs=1",
                              "--steps_per_epoch=12", "--calibration_steps=8", "--io=float32")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -51,7 +53,7 @@ def test_qat_writes_models_and_report(qat_run):
         assert (run / name).is_file(), name
     report = json.loads((run / "qat.json").read_text())
     assert report["twin_max_abs_probability_diff"] < 1e-5
-    assert report["label_smoothing"] == 0.1  # the run's, from config.json
+    assert (report["label_smoothing"], report["cutout"]) == (0.1, 8)  # the run's config
     assert "max |probability difference| vs Keras 3" in stdout
     assert "op audit: builtin ops only, every conv/FC in int8" in stdout
     handoff = json.loads((run / "model_int8.json").read_text())

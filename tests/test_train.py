@@ -133,6 +133,7 @@ def test_recipe_changes_name_what_a_run_changed_from_its_recipe():
                                                           "learning_rate": 0.1}
     assert changes(warmup_epochs=1, optimizer="adam", augment=False) == {
         "warmup_epochs": 1, "optimizer": "adam", "augment": False}
+    assert changes(cutout=16) == {"cutout": 16} and changes(cutout=0) == {}
     # the average's BN batches count only when the run keeps an average
     assert changes(ema_bn_batches=10) == {}
     assert changes(ema_decay=0.999, ema_bn_batches=10) == {"ema_decay": 0.999,
@@ -163,6 +164,9 @@ def test_recipe_changes_name_what_a_run_changed_from_its_recipe():
     (dict(depth=20, recipe="paper"), "recipe='paper' is not valid; choose one of he2015, fast"),
     (dict(depth=20, ema_decay=1.0), r"ema_decay must be in \[0, 1\) \(0: no average\)"),
     (dict(depth=20, ema_bn_batches=-1), "ema_bn_batches must be at least 0"),
+    (dict(depth=20, cutout=-1), r"cutout must be from 0 \(none\) to image_size=32"),
+    (dict(depth=20, cutout=33), r"cutout must be from 0 \(none\) to image_size=32"),
+    (dict(depth=20, cutout=16, augment=False), "cutout works on augmented images only"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(pipeline.UserError, match=message):

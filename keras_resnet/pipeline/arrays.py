@@ -8,7 +8,8 @@ Pillow into uint8 arrays, and fed to ``fit`` by :class:`keras.utils.PyDataset` s
 * training: an endless stream whose epoch k visits every image once in an order that is a
   pure function of (seed, k), in full batches (the last incomplete one is dropped), with
   CIFAR-style augmentation (zero-pad by size/8, random crop back, random horizontal flip;
-  He et al. 2015 §4.2) drawn per batch from (seed, k, batch). The same recipe as the
+  He et al. 2015 §4.2), then Cutout where asked (DeVries & Taylor 2017), drawn per batch
+  from (seed, k, batch). The same recipe as the
   tf.data pipeline; the random draws differ, so the two do not see identical batches.
 * validation: the carved images in file order, un-augmented, the last batch smaller.
 
@@ -31,7 +32,7 @@ import numpy as np
 
 from keras_resnet.pipeline import sources
 from keras_resnet.pipeline.errors import DataError
-from keras_resnet.pipeline.transforms import SMALL_IMAGE_MAX
+from keras_resnet.pipeline.transforms import CUTOUT_FILL, SMALL_IMAGE_MAX
 
 # Datasets an array run can read (TFDS and the tf.data-backed sources need TensorFlow).
 ARRAY_DATASETS = ("folder",)
@@ -54,6 +55,7 @@ class ArrayBundle:
     batch_size: int
     seed: int
     augment: bool = True
+    cutout: int = 0
     skipped: tuple[str, ...] = ()
     cached: bool = True
 
@@ -94,7 +96,8 @@ class ArrayBundle:
         return np.random.default_rng([self.seed, epoch]).permutation(self.train_size)
 
     def batch(self, epoch: int, index: int, order: np.ndarray | None = None):
-        """Batch ``index`` of epoch ``epoch``, augmented unless ``augment=False``."""
+        """Batch ``index`` of epoch ``epoch``, augmented unless ``augment=False`` (with
+        Cutout where ``cutout`` is set)."""
         if order is None:
             order = self.epoch_order(epoch)
         picked = order[index * self.batch_size:(index + 1) * self.batch_size]
@@ -102,6 +105,8 @@ class ArrayBundle:
         if self.augment:
             rng = np.random.default_rng([self.seed, epoch, index, 1])
             images = augment_small(images, rng)
+            if self.cutout:
+                images = cutout(images, rng, self.cutout)
         return images.astype("float32"), one_hot(self.train_labels[picked], self.num_classes)
 
 
@@ -164,9 +169,22 @@ def augment_small(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+def cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
+    """Cutout (DeVries & Taylor 2017) on a batch ``[n, height, width, 3]``: in each image a
+    ``size`` x ``size`` square, centred uniformly over the image and clipped at its edges,
+    set to :data:`~keras_resnet.pipeline.transforms.CUTOUT_FILL`."""
+    n, height, width, _ = images.shape
+    start = np.stack([rng.integers(0, height, n), rng.integers(0, width, n)], 1) - size // 2
+    rows = np.arange(height)[None, :] - start[:, :1]
+    cols = np.arange(width)[None, :] - start[:, 1:]
+    inside = (((rows >= 0) & (rows < size))[:, :, None]
+              & ((cols >= 0) & (cols < size))[:, None, :])
+    return np.where(inside[..., None], np.asarray(CUTOUT_FILL, images.dtype), images)
+
+
 def load_arrays(dataset: str, *, data_dir: str | None, image_size: int, batch_size: int,
                 val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
-                memory_budget: int | None = None) -> ArrayBundle:
+                cutout: int = 0, memory_budget: int | None = None) -> ArrayBundle:
     """Lists, carves and decodes a dataset into an :class:`ArrayBundle`.
 
     Raises:
@@ -198,7 +216,8 @@ def load_arrays(dataset: str, *, data_dir: str | None, image_size: int, batch_si
     return ArrayBundle(
         train_images=decode(paths, image_size), train_labels=np.asarray(labels, "int32"),
         val_images=val_images, val_labels=val_labels, class_names=tuple(class_names),
-        batch_size=batch_size, seed=seed, augment=augment, skipped=tuple(skipped))
+        batch_size=batch_size, seed=seed, augment=augment, cutout=cutout,
+        skipped=tuple(skipped))
 
 
 def decode(paths: list[str], image_size: int) -> np.ndarray:

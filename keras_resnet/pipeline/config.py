@@ -78,6 +78,7 @@ class Recipe:
     warmup_fraction: float | None = None
     ema_decay: float = 0.0
     ema_bn_batches: int = 100
+    cutout: int = 0
 
 
 RECIPES = {
@@ -197,6 +198,10 @@ class TrainConfig:
         0.1, help="fraction of train carved off as validation when the dataset has no "
                   "validation split; 0 for none.")
     augment: bool = _option(True, help="random crops and flips on the training data.")
+    cutout: int | None = _option(
+        help="side in pixels of a square set to the mean pixel at a random place in each "
+             "augmented training image (Cutout, DeVries & Taylor 2017; 16 for CIFAR-10 in "
+             "the paper; 0: none; recipe: 0).")
     cache_budget_mb: int = _option(
         DEFAULT_CACHE_BUDGET_MB, help="decoded training images kept in memory up to this "
                                       "size; larger data streams from disk.")
@@ -257,6 +262,7 @@ class ResolvedConfig:
     strategy: str
     val_fraction: float
     augment: bool
+    cutout: int
     cache_budget_mb: int
     keep_checkpoints: int
     checkpoint_every_steps: int | None
@@ -337,7 +343,11 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
             (0 <= resolved.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (0 <= resolved.ema_decay < 1, "ema_decay must be in [0, 1) (0: no average)"),
             (resolved.ema_bn_batches >= 0, "ema_bn_batches must be at least 0 (0: the "
-                                           "average keeps the running BN statistics)")):
+                                           "average keeps the running BN statistics)"),
+            (0 <= resolved.cutout <= resolved.image_size,
+             f"cutout must be from 0 (none) to image_size={resolved.image_size}"),
+            (resolved.augment or not resolved.cutout,
+             "cutout works on augmented images only; drop cutout or keep augment on")):
         if not ok:
             raise UserError(message)
     return resolved
@@ -355,7 +365,7 @@ def recipe_values(recipe: Recipe, *, epochs: int, batch_size: int) -> dict[str, 
                           else round(recipe.warmup_fraction * epochs, 3)),
         "weight_decay": recipe.weight_decay, "label_smoothing": recipe.label_smoothing,
         "nesterov": recipe.nesterov, "ema_decay": recipe.ema_decay,
-        "ema_bn_batches": recipe.ema_bn_batches,
+        "ema_bn_batches": recipe.ema_bn_batches, "cutout": recipe.cutout,
         "learning_rate": recipe.base_lr * batch_size / recipe.reference_batch,
     }
 

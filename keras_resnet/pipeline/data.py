@@ -127,7 +127,8 @@ class EvalData:
 
 def load_data(dataset: str, *, data_dir: str | None = None, image_size: int,
               batch_size: int, val_fraction: float = 0.1, seed: int = 0,
-              augment: bool = True, cache_budget: int = DEFAULT_CACHE_BUDGET,
+              augment: bool = True, cutout: int = 0,
+              cache_budget: int = DEFAULT_CACHE_BUDGET,
               num_classes: int | None = None) -> DataBundle:
     """Builds the training and validation pipelines of a dataset.
 
@@ -141,6 +142,8 @@ def load_data(dataset: str, *, data_dir: str | None = None, image_size: int,
             no validation split of its own; 0 for none.
         seed: seeds the carving, the shuffling and the augmentation.
         augment: random crops and flips on ``train``; False gives the evaluation transform.
+        cutout: side of the square Cutout erases from each augmented training image
+            (:func:`~keras_resnet.pipeline.transforms.cutout`); 0 for none.
         cache_budget: bytes of decoded training images that may be kept in memory.
         num_classes: classes of "synthetic" data (default 10 up to 64 pixels, else 1000).
 
@@ -175,7 +178,8 @@ def load_data(dataset: str, *, data_dir: str | None = None, image_size: int,
             f"of {batch_size}; lower batch_size"
         )
     epoch_fn, cached = _train_pipeline(train, image_size=image_size, batch_size=batch_size,
-                                       seed=seed, augment=augment, cache_budget=cache_budget)
+                                       seed=seed, augment=augment, cutout=cutout,
+                                       cache_budget=cache_budget)
     # Each iteration of ``train`` is one epoch with a fresh random epoch key.
     train_ds = _finish(tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
                        .take(1).flat_map(epoch_fn))
@@ -340,7 +344,8 @@ def _epoch_seed(seed, epoch):
     return tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64)
 
 
-def _train_pipeline(split: Split, *, image_size, batch_size, seed, augment, cache_budget):
+def _train_pipeline(split: Split, *, image_size, batch_size, seed, augment, cutout,
+                    cache_budget):
     """Returns (epoch -> batched dataset of that epoch, whether data is cached).
 
     An epoch's order and augmentation are a pure function of (seed, epoch), so a run
@@ -391,6 +396,14 @@ def _train_pipeline(split: Split, *, image_size, batch_size, seed, augment, cach
                 return tf.cast(transforms.eval_transform(x, image_size), tf.float32), y
             return transforms.random_resized_crop(x, s, image_size, split.flip), y
 
+    def with_cutout(x, y, s):
+        x, y = transform(x, y, s)
+        # Folding a constant into the element's seed leaves the other draws as they are.
+        return transforms.cutout(x, tf.random.experimental.stateless_fold_in(s, 1),
+                                 cutout), y
+
+    per_element = with_cutout if augment and cutout else transform
+
     base = None
     if cached:
         base = read(split.elements).cache()
@@ -409,7 +422,7 @@ def _train_pipeline(split: Split, *, image_size, batch_size, seed, augment, cach
         # One stateless seed per element: (epoch seed, index in the epoch). Skipping after
         # the numbering keeps every later element's seed.
         ds = ds.enumerate().skip(tf.cast(skip_batches, tf.int64) * batch_size).map(
-            lambda i, xy: transform(xy[0], xy[1], tf.stack([epoch_seed, i])),
+            lambda i, xy: per_element(xy[0], xy[1], tf.stack([epoch_seed, i])),
             num_parallel_calls=AUTOTUNE)
         if split.files and not small:
             ds = ds.ignore_errors(log_warning=True)  # decoding happens in ``transform``

@@ -166,7 +166,9 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     settings = run.data_settings(dataset=dataset, data_dir=data_dir, batch_size=batch_size)
     start = time.perf_counter()
     model = rundir.load_model(run)
-    bundle = data.load_data(**settings, augment=True)
+    # Fine-tuning sees the run's own augmentation (Cutout too), as it takes its smoothing.
+    cutout = int(run.config.get("cutout") or 0)
+    bundle = data.load_data(**settings, augment=True, cutout=cutout)
     if bundle.val is None:
         raise QuantizeError("the run has no validation split (val_fraction=0), so the "
                             "quantized model cannot be checked")
@@ -213,7 +215,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     figures = {
         "variant": run.variant, "twin_max_abs_probability_diff": diff,
         "calibration_batches": used, "epochs": epochs, "learning_rate": learning_rate,
-        "label_smoothing": label_smoothing,
+        "label_smoothing": label_smoothing, "cutout": cutout,
         "freeze_bn": freeze_bn, "io": io, "eval_images": len(labels),
         "float_top1": float_top1, "qat_top1_before_fine_tuning": before,
         "qat_top1": after, "int8_top1": int8_top1,

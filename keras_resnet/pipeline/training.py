@@ -87,14 +87,14 @@ def load_bundle(resolved: ResolvedConfig):
         return data.load_data(
             resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
             batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
-            seed=resolved.seed, augment=resolved.augment,
+            seed=resolved.seed, augment=resolved.augment, cutout=resolved.cutout,
             cache_budget=resolved.cache_budget_mb * 2**20)
     from keras_resnet.pipeline import arrays
 
     return arrays.load_arrays(
         resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
         batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
-        seed=resolved.seed, augment=resolved.augment,
+        seed=resolved.seed, augment=resolved.augment, cutout=resolved.cutout,
         memory_budget=resolved.cache_budget_mb * 2**20)
 
 

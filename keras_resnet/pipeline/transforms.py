@@ -3,17 +3,24 @@
 Augmentation follows the image size: up to 64 pixels, CIFAR-style (pad by size/8, random
 crop, horizontal flip; He et al. 2015 §4.2); above, ImageNet-style (random resized crop with
 8%-100% area and 3/4-4/3 aspect ratio, flip; evaluation resizes the shorter side to
-size/0.875 and takes the central crop). Random ops are stateless and take their seed as an
-argument, so a pipeline built from them is a pure function of its seeds. Each transform
-imports TensorFlow itself: the constants and :func:`augmentation_style` load without it.
+size/0.875 and takes the central crop). Either may end with Cutout (DeVries & Taylor 2017):
+a square of the image set to the mean pixel of the models' normalisation. Random ops are
+stateless and take their seed as an argument, so a pipeline built from them is a pure
+function of its seeds. Each transform imports TensorFlow itself: the constants and
+:func:`augmentation_style` load without it.
 """
 
 from __future__ import annotations
+
+from keras_resnet.models import IMAGENET_MEAN
 
 # Images up to this side get CIFAR-style augmentation; larger ones ImageNet-style.
 SMALL_IMAGE_MAX = 64
 # Evaluation of large images: resize the shorter side to size / CROP_FRACTION, centre crop.
 CROP_FRACTION = 0.875
+# What Cutout writes: the mean pixel that ``include_preprocessing`` maps to about zero,
+# as the paper zeroes normalised pixels (whole levels, so uint8 arrays hold it exactly).
+CUTOUT_FILL = tuple(round(v) for v in IMAGENET_MEAN)
 
 
 def augmentation_style(image_size: int) -> str:
@@ -88,6 +95,24 @@ def augment_small(image, seed, image_size, flip):
     if flip:
         x = tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
     return tf.cast(x, tf.float32)
+
+
+def cutout(image, seed, size):
+    """Cutout (DeVries & Taylor 2017): sets a ``size`` x ``size`` square of a float image
+    ``[height, width, 3]`` to :data:`CUTOUT_FILL`. The square's centre is uniform over the
+    image, and the square is clipped where it reaches past an edge."""
+    import tensorflow as tf
+
+    shape = tf.shape(image)
+    centre = tf.random.stateless_uniform([2], seed, maxval=tf.int32.max, dtype=tf.int32)
+    centre = centre % shape[:2]
+    start = centre - size // 2
+    rows = tf.range(shape[0])
+    cols = tf.range(shape[1])
+    inside = ((rows[:, None] >= start[0]) & (rows[:, None] < start[0] + size)
+              & (cols[None, :] >= start[1]) & (cols[None, :] < start[1] + size))
+    fill = tf.constant(CUTOUT_FILL, image.dtype)
+    return tf.where(inside[:, :, None], fill, image)
 
 
 def random_resized_crop(image, seed, image_size, flip, *, contents=None):
