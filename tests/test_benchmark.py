@@ -133,6 +133,11 @@ def test_pipeline_mode_folder(capsys, tmp_path):
     check_result(r, task="pipeline", batch=4)
     assert r["info"]["classes"] == 2 and r["info"]["augmentation"] == "cifar"
     assert r["info"]["train_images"] + r["info"]["val_images"] == 24
+    status, report, _, err = run(capsys, tmp_path, "pipeline", "--dataset=folder",
+                                 f"--data_dir={folder}", "--image_size=16", "--batch_size=4",
+                                 "--cutout=8", *TINY)
+    assert status == 0, err
+    assert report["results"][0]["info"]["augmentation"] == "cifar + cutout 8"
 
 
 def test_pipeline_mode_synthetic(capsys, tmp_path):
@@ -336,6 +341,7 @@ def test_ratios_and_table_come_from_the_measurements():
     (["infer", "--model_file=missing.keras"], "does not exist"),
     (["infer", "--model_file=model.h5"], "must be a .keras or .tflite file"),
     (["pipeline", "--dataset=folder"], "needs --data_dir"),
+    (["pipeline", "--cutout=-1"], "cutout=-1 must be at least 0"),
     (["compare", "--compare=timm"], "compare='timm' is not valid"),
     (["memory", "--memory_images=5000"], "at least two folder sizes"),
     (["train", "--nope=1"], "nope"),

@@ -97,7 +97,7 @@ def pipeline_spec(s: Settings, *, batch: int, size: int, cache_budget_mb=None) -
     return {"kind": "pipeline", "name": f"load_data({s.dataset}) training stream",
             "dataset": s.dataset, "data_dir": s.data_dir, "image_size": size,
             "batch_size": batch, "val_fraction": s.val_fraction, "seed": s.seed,
-            "augment": s.augment, "cache_budget_mb": cache_budget_mb,
+            "augment": s.augment, "cutout": s.cutout, "cache_budget_mb": cache_budget_mb,
             "tasks": [f"pipeline:{batch}"], "warmup": s.warmup,
             "inter_op_threads": s.inter_op_threads, "intra_op_threads": s.intra_op_threads}
 

@@ -92,6 +92,8 @@ class Settings:
         "synthetic", "pipeline: folder, a prepared TFDS name, digits or synthetic.")
     data_dir: str | None = _option(help="pipeline: folder root or TFDS data dir.")
     augment: bool = _option(True, "pipeline: random crops and flips, as in training.")
+    cutout: int = _option(0, "pipeline: Cutout's square side after the crops and flips, as "
+                             "tools/train.py --cutout (0: none).")
     val_fraction: float = _option(
         0.1, "pipeline: fraction carved off as validation, as in training.")
     cache_budget_mb: int | None = _option(
@@ -141,6 +143,8 @@ class Settings:
             raise BenchmarkError(f"batch_size={self.batch_size} must be at least 1")
         if self.classes is not None and self.classes < 2:
             raise BenchmarkError(f"classes={self.classes} must be at least 2")
+        if self.cutout < 0:
+            raise BenchmarkError(f"cutout={self.cutout} must be at least 0 (0: none)")
         if self.inter_op_threads < 0 or self.intra_op_threads < 0:
             raise BenchmarkError("inter_op_threads and intra_op_threads must be at least 0")
 
