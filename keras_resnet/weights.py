@@ -64,7 +64,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
     "resnet56": {"cifar10": Pretrained(
         file="resnet56_cifar10.h5",
-        sha256="4007e865e7c2d5b7ecdd39338cb9ae971b053a9fa711e0845c33ec25f6d584ce",
+        sha256="eb015a6fa7300c84569b2a882e732ef2a14bea942ddfd24da83198629ad1395a",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet56_cifar10.json")},
 }
 
