@@ -274,6 +274,20 @@ def test_model_dir_of_another_model_is_refused(digits_run, tmp_path, capsys):
     assert status == 2 and "not resnet8 (10 classes, 40px)" in err
 
 
+def test_a_run_recorded_before_an_option_existed_resumes_only_with_its_old_value():
+    """config.json of a run made before ``cutout`` (or ``ema_decay``) existed lacks it: the
+    run ran without it, so it resumes with the option's old value and is refused another."""
+    resolved = pipeline.resolve(pipeline.TrainConfig(depth=20, recipe="fast"))
+    old = json.loads(json.dumps(resolved.to_dict()))
+    for key in config_lib.ADDED_OPTIONS:
+        del old[key]
+    assert config_lib.resume_conflicts(old, resolved) == []
+    changed = pipeline.resolve(pipeline.TrainConfig(depth=20, recipe="fast", cutout=16,
+                                                    ema_decay=0.999))
+    assert config_lib.resume_conflicts(old, changed) == ["ema_decay=0.0 -> 0.999",
+                                                         "cutout=0 -> 16"]
+
+
 def test_finished_run_is_not_repeated(digits_run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
