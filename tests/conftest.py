@@ -186,6 +186,20 @@ def square_of_fill(image, size):
     return rows, cols
 
 
+def check_cutout_placement(outputs, background, size: int) -> None:
+    """Cutout of many images of one ``background`` value: each keeps the background but for
+    one square of the fill, and the squares fall anywhere (whole inside, clipped at edges)."""
+    sides, corners = set(), set()
+    for got in outputs:
+        rows, cols = square_of_fill(got, size)
+        keep = np.ones(got.shape[:2], bool)
+        keep[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = False
+        assert np.all(got[keep] == background)
+        sides.update((len(rows), len(cols)))
+        corners.add((rows[0], cols[0]))
+    assert size in sides and min(sides) <= size * 5 // 8 and len(corners) > 100
+
+
 def litert_scores(content: bytes, images) -> np.ndarray:
     """Float outputs of a .tflite flatbuffer on the LiteRT interpreter."""
     from keras_resnet.pipeline.litert import LiteRTModel

@@ -11,7 +11,14 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import BACKEND_EXTRAS, REPO, history_rows, skip_without_backend, square_of_fill
+from conftest import (
+    BACKEND_EXTRAS,
+    REPO,
+    check_cutout_placement,
+    history_rows,
+    skip_without_backend,
+    square_of_fill,
+)
 from PIL import Image
 
 from keras_resnet.pipeline import arrays, sources
@@ -124,16 +131,7 @@ def test_augmentation_is_a_padded_crop_and_flip():
 
 def test_cutout_sets_one_clipped_square_per_image_after_the_crop_and_flip(folder):
     images = np.full((256, 32, 32, 3), 7, np.uint8)
-    out = arrays.cutout(images, np.random.default_rng(0), 16)
-    sides, corners = set(), set()
-    for got in out:
-        rows, cols = square_of_fill(got, 16)
-        keep = np.ones((32, 32), bool)
-        keep[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = False
-        assert np.all(got[keep] == 7)
-        sides.update((len(rows), len(cols)))
-        corners.add((rows[0], cols[0]))
-    assert 16 in sides and min(sides) <= 10 and len(corners) > 100
+    check_cutout_placement(arrays.cutout(images, np.random.default_rng(0), 16), 7, 16)
     # In a stream the crops and flips are those drawn without Cutout; a square changes.
     plain, cut = bundle_of(folder).epochs(1)[0], bundle_of(folder, cutout=8).epochs(1)[0]
     np.testing.assert_array_equal(plain[1], cut[1])
