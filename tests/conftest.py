@@ -186,6 +186,17 @@ def square_of_fill(image, size):
     return rows, cols
 
 
+def check_only_squares_changed(before, after, size: int) -> None:
+    """Each image of batch ``after`` equals the same image of ``before`` but for one square
+    of the Cutout fill."""
+    assert before.shape == after.shape
+    for plain, cut in zip(before, after, strict=True):
+        rows, cols = square_of_fill(cut, size)
+        changed = np.any(plain != cut, axis=-1)
+        changed[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = False
+        assert not changed.any()
+
+
 def check_cutout_placement(outputs, background, size: int) -> None:
     """Cutout of many images of one ``background`` value: each keeps the background but for
     one square of the fill, and the squares fall anywhere (whole inside, clipped at edges)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import check_cutout_placement, square_of_fill
+from conftest import check_cutout_placement, check_only_squares_changed
 
 from keras_resnet.pipeline import data, sources, transforms
 from keras_resnet.pipeline.errors import DataError
@@ -127,21 +127,20 @@ def test_cutout_sets_one_clipped_square_to_the_fill():
     assert transforms.CUTOUT_FILL == (124, 116, 104)  # ImageNet mean, as the model's
 
 
-def test_cutout_comes_after_the_same_crops_and_flips():
+def test_cutout_comes_after_the_same_crops_and_flips(tmp_path):
     """With cutout the pipeline draws its crops and flips as without; only a square of each
-    image changes, to the fill."""
-    plain = data.load_data("digits", image_size=32, batch_size=16)
-    cut = data.load_data("digits", image_size=32, batch_size=16, cutout=8)
-    for epoch in (0, 1):
-        (x_plain, y_plain), (x_cut, y_cut) = (
-            (x.numpy(), y.numpy()) for x, y in (next(iter(b.epochs(epoch)))
-                                                for b in (plain, cut)))
-        np.testing.assert_array_equal(y_plain, y_cut)
-        for before, after in zip(x_plain, x_cut, strict=True):
-            rows, cols = square_of_fill(after, 8)
-            changed = np.any(before != after, axis=-1)
-            assert not changed[:rows[0]].any() and not changed[rows[-1] + 1:].any()
-            assert not changed[:, :cols[0]].any() and not changed[:, cols[-1] + 1:].any()
+    image changes, to the fill, in CIFAR-style and ImageNet-style augmentation alike."""
+    root = _write_images(tmp_path / "large", {"a": 4, "b": 4}, size=(90, 120))
+    for options, size, epochs in ((dict(dataset="digits", image_size=32), 8, (0, 1)),
+                                  (dict(dataset="folder", data_dir=str(root),
+                                        image_size=72, val_fraction=0), 24, (0,))):
+        plain, cut = (data.load_data(**options, batch_size=8, cutout=c) for c in (0, size))
+        for epoch in epochs:
+            (x_plain, y_plain), (x_cut, y_cut) = (
+                (x.numpy(), y.numpy()) for x, y in (next(iter(b.epochs(epoch)))
+                                                    for b in (plain, cut)))
+            np.testing.assert_array_equal(y_plain, y_cut)
+            check_only_squares_changed(x_plain, x_cut, size)
     unaugmented = data.load_data("digits", image_size=32, batch_size=16, augment=False,
                                  cutout=8)
     x = next(iter(unaugmented.epochs(0)))[0].numpy()
