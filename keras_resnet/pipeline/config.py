@@ -33,6 +33,7 @@ from typing import Any
 
 from keras_resnet import configs
 from keras_resnet import weights as weights_lib
+from keras_resnet.pipeline import rundir
 from keras_resnet.pipeline.errors import UserError, choose
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -44,9 +45,6 @@ STEP_BOUNDARIES = (0.5, 0.75)
 # Options that do not change what a run computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("epochs", "model_dir", "verbose", "keep_checkpoints", "overwrite",
                      "cache_budget_mb", "fused_batch_norm", "checkpoint_every_steps")
-# Options that change what a run computes, added after runs were recorded without them,
-# and the value that computes what those runs did.
-ADDED_OPTIONS = {"ema_decay": 0.0, "cutout": 0}
 # Epochs of at least this many steps are checkpointed every tenth of an epoch by default.
 LONG_EPOCH_STEPS = 2000
 DEFAULT_CACHE_BUDGET_MB = 2048
@@ -468,14 +466,15 @@ def resume_conflicts(old: dict[str, Any], new: ResolvedConfig) -> list[str]:
 
     Options in :data:`RESUMABLE_CHANGES` may change; everything else decides what the run
     computes, so a resumed run must keep it. A run recorded before an option of
-    :data:`ADDED_OPTIONS` existed ran with that option's value there.
+    :data:`~keras_resnet.pipeline.rundir.ADDED_OPTIONS` existed ran with its value there.
     """
     conflicts = []
+    old = rundir.recorded_config(old)
     # Compared as config.json stores them (tuples become lists).
     for key, value in json.loads(json.dumps(new.to_dict())).items():
-        if key in RESUMABLE_CHANGES or (key not in old and key not in ADDED_OPTIONS):
+        if key in RESUMABLE_CHANGES or key not in old:
             continue
-        before = old.get(key, ADDED_OPTIONS.get(key))
+        before = old[key]
         if before != value and not _same_path(key, before, value):
             conflicts.append(f"{key}={before!r} -> {value!r}")
     return conflicts

@@ -167,7 +167,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     start = time.perf_counter()
     model = rundir.load_model(run)
     # Fine-tuning sees the run's own augmentation (Cutout too), as it takes its smoothing.
-    cutout = int(run.config.get("cutout") or 0)
+    cutout = int(run.config["cutout"])
     bundle = data.load_data(**settings, augment=True, cutout=cutout)
     if bundle.val is None:
         raise QuantizeError("the run has no validation split (val_fraction=0), so the "

@@ -357,7 +357,8 @@ class Run:
 
     Attributes:
         path: the folder.
-        config: the parsed ``config.json``.
+        config: the parsed ``config.json`` (with :data:`ADDED_OPTIONS` where the run
+            predates them).
         labels: class names in label order (``labels.txt``).
     """
 
@@ -417,6 +418,16 @@ def read_labels(path) -> tuple[str, ...]:
                  if line.strip())
 
 
+# Options that change what a run computes, added after runs were recorded without them,
+# and the value that computes what those runs did.
+ADDED_OPTIONS = {"ema_decay": 0.0, "cutout": 0}
+
+
+def recorded_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.json values, with :data:`ADDED_OPTIONS` where the run predates them."""
+    return {**ADDED_OPTIONS, **values}
+
+
 def read_run(run_dir) -> Run:
     """Reads and validates a finished run folder (model.keras, config.json, labels.txt).
 
@@ -443,7 +454,7 @@ def read_run(run_dir) -> Run:
     if len(labels) != int(config["num_classes"]):
         raise RunDirError(f"{path / LABELS} has {len(labels)} names but config.json says "
                           f"num_classes={config['num_classes']}")
-    return Run(path=path, config=config, labels=labels)
+    return Run(path=path, config=recorded_config(config), labels=labels)
 
 
 def find_run(model_path) -> tuple[dict[str, Any] | None, tuple[str, ...] | None]:

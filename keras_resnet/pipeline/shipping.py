@@ -103,8 +103,7 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
         "image_size": size,
         "input": "raw RGB pixels 0..255, normalisation inside the model",
         "output": "softmax over the classes (classifier_activation=None gives logits)",
-        # A run recorded before an option existed ran with its old value.
-        "training": {**{k: config.get(k, config_lib.ADDED_OPTIONS.get(k)) for k in (
+        "training": {**{k: config.get(k) for k in (
             "recipe", "recipe_reference", "epochs", "batch_size", "learning_rate",
             "weight_decay", "label_smoothing", "cutout", "nesterov", "lr_schedule",
             "warmup_epochs",
