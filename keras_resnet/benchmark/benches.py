@@ -205,14 +205,17 @@ class PipelineBench:
         from keras_resnet.pipeline import data as data_lib
         from keras_resnet.pipeline.transforms import augmentation_style
 
-        budget = spec.get("cache_budget_mb")
+        budget, cutout = spec.get("cache_budget_mb"), spec.get("cutout", 0)
         start = time.perf_counter()
         bundle = data_lib.load_data(
             spec["dataset"], data_dir=spec.get("data_dir"), image_size=spec["image_size"],
             batch_size=spec["batch_size"], val_fraction=spec["val_fraction"],
-            seed=spec["seed"], augment=spec["augment"], cutout=spec.get("cutout", 0),
+            seed=spec["seed"], augment=spec["augment"], cutout=cutout,
             cache_budget=data_lib.DEFAULT_CACHE_BUDGET if budget is None else budget * 2**20)
         classes = bundle.num_classes
+        augmentation = augmentation_style(spec["image_size"]) if spec["augment"] else "none"
+        if spec["augment"] and cutout:
+            augmentation += f" + cutout {cutout}"
 
         def one_hot(x, y):  # as training's stream
             return x, tf.one_hot(y, classes)
@@ -221,9 +224,7 @@ class PipelineBench:
         self.info = {"dataset": spec["dataset"], "train_images": bundle.train_size,
                      "val_images": bundle.val_size, "classes": classes,
                      "cached_in_memory": bundle.cached, "skipped_images": len(bundle.skipped),
-                     "augmentation": (augmentation_style(spec["image_size"])
-                                      + (f" + cutout {spec['cutout']}" if spec.get("cutout")
-                                         else "")) if spec["augment"] else "none",
+                     "augmentation": augmentation,
                      "load_data_s": time.perf_counter() - start}
 
     def step(self, task):
