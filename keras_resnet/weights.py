@@ -60,7 +60,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet32_cifar10.json")},
     "resnet44": {"cifar10": Pretrained(
         file="resnet44_cifar10.h5",
-        sha256="7976522057460a23348ae9d7a6c7c12f664bbe0aa9c03fa9fb61dbb47ceb2b0c",
+        sha256="198aaf2893f536a7d40806cdc342df2bab4057c91d34d6e566bdb9f352b5a736",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
     "resnet56": {"cifar10": Pretrained(
         file="resnet56_cifar10.h5",
