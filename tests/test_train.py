@@ -279,7 +279,7 @@ def test_a_run_recorded_before_an_option_existed_resumes_only_with_its_old_value
     run ran without it, so it resumes with the option's old value and is refused another."""
     resolved = pipeline.resolve(pipeline.TrainConfig(depth=20, recipe="fast"))
     old = json.loads(json.dumps(resolved.to_dict()))
-    for key in rundir.ADDED_OPTIONS:
+    for key in config_lib.ADDED_OPTIONS:
         del old[key]
     assert config_lib.resume_conflicts(old, resolved) == []
     changed = pipeline.resolve(pipeline.TrainConfig(depth=20, recipe="fast", cutout=16,

@@ -33,7 +33,6 @@ from typing import Any
 
 from keras_resnet import configs
 from keras_resnet import weights as weights_lib
-from keras_resnet.pipeline import rundir
 from keras_resnet.pipeline.errors import UserError, choose
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -45,6 +44,9 @@ STEP_BOUNDARIES = (0.5, 0.75)
 # Options that do not change what a run computes: a resumed run may change them.
 RESUMABLE_CHANGES = ("epochs", "model_dir", "verbose", "keep_checkpoints", "overwrite",
                      "cache_budget_mb", "fused_batch_norm", "checkpoint_every_steps")
+# Options that change what a run computes, added after runs were recorded without them,
+# and the value that computes what those runs did.
+ADDED_OPTIONS = {"ema_decay": 0.0, "cutout": 0}
 # Epochs of at least this many steps are checkpointed every tenth of an epoch by default.
 LONG_EPOCH_STEPS = 2000
 DEFAULT_CACHE_BUDGET_MB = 2048
@@ -461,15 +463,20 @@ def _variant(c: TrainConfig):
         raise UserError(str(e)) from e
 
 
+def recorded_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.json values, with :data:`ADDED_OPTIONS` where the run predates them."""
+    return {**ADDED_OPTIONS, **values}
+
+
 def resume_conflicts(old: dict[str, Any], new: ResolvedConfig) -> list[str]:
     """Options of ``new`` that differ from a run's recorded config, as ``name=old->new``.
 
     Options in :data:`RESUMABLE_CHANGES` may change; everything else decides what the run
     computes, so a resumed run must keep it. A run recorded before an option of
-    :data:`~keras_resnet.pipeline.rundir.ADDED_OPTIONS` existed ran with its value there.
+    :data:`ADDED_OPTIONS` existed ran with its value there.
     """
     conflicts = []
-    old = rundir.recorded_config(old)
+    old = recorded_config(old)
     # Compared as config.json stores them (tuples become lists).
     for key, value in json.loads(json.dumps(new.to_dict())).items():
         if key in RESUMABLE_CHANGES or key not in old:

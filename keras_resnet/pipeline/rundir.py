@@ -37,6 +37,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from keras_resnet.pipeline import config as config_lib
 from keras_resnet.pipeline.errors import RunDirError, RunLocked
 from keras_resnet.pipeline.safe_writes import guarded_write, save_atomic, write_json
 
@@ -357,8 +358,7 @@ class Run:
 
     Attributes:
         path: the folder.
-        config: the parsed ``config.json`` (with :data:`ADDED_OPTIONS` where the run
-            predates them).
+        config: ``config.json`` as :func:`~keras_resnet.pipeline.config.recorded_config` gives it.
         labels: class names in label order (``labels.txt``).
     """
 
@@ -418,16 +418,6 @@ def read_labels(path) -> tuple[str, ...]:
                  if line.strip())
 
 
-# Options that change what a run computes, added after runs were recorded without them,
-# and the value that computes what those runs did.
-ADDED_OPTIONS = {"ema_decay": 0.0, "cutout": 0}
-
-
-def recorded_config(values: dict[str, Any]) -> dict[str, Any]:
-    """A run's config.json values, with :data:`ADDED_OPTIONS` where the run predates them."""
-    return {**ADDED_OPTIONS, **values}
-
-
 def read_run(run_dir) -> Run:
     """Reads and validates a finished run folder (model.keras, config.json, labels.txt).
 
@@ -454,7 +444,7 @@ def read_run(run_dir) -> Run:
     if len(labels) != int(config["num_classes"]):
         raise RunDirError(f"{path / LABELS} has {len(labels)} names but config.json says "
                           f"num_classes={config['num_classes']}")
-    return Run(path=path, config=recorded_config(config), labels=labels)
+    return Run(path=path, config=config_lib.recorded_config(config), labels=labels)
 
 
 def find_run(model_path) -> tuple[dict[str, Any] | None, tuple[str, ...] | None]:
