@@ -64,7 +64,7 @@ PRETRAINED: dict[str, dict[str, Pretrained]] = {
         classes=CIFAR10_CLASSES, image_size=32, card="resnet44_cifar10.json")},
     "resnet56": {"cifar10": Pretrained(
         file="resnet56_cifar10.h5",
-        sha256="eb015a6fa7300c84569b2a882e732ef2a14bea942ddfd24da83198629ad1395a",
+        sha256="341d04a0b14204a8661011da11c39e1da17631724dfa1a1113e281b1fcfa07e0",
         classes=CIFAR10_CLASSES, image_size=32, card="resnet56_cifar10.json")},
 }
 
