@@ -14,13 +14,17 @@ import _cli
 
 _cli.setup()
 
+import sys  # noqa: E402
+
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 import keras_resnet as kr  # noqa: E402
 
-FLAGS = flags.DEFINE_string("readme", None, "rewrite the tables between their markers in "
-                            "this file")
+# Own flag registry: several tools can then be imported into one process (tests).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("readme", None, "rewrite the tables between their markers in this file",
+                    flag_values=FLAGS)
 
 
 def table() -> str:
@@ -72,21 +76,28 @@ def weights_table() -> str:
 TABLES = {"model-table": table, "weights-table": weights_table}
 
 
-def main(argv):
-    del argv
-    if FLAGS.value is None:
+def main(argv: list[str]) -> int:
+    """Prints the tables, or rewrites them in --readme; returns the exit status."""
+    status, _ = _cli.parse(FLAGS, argv, doc=__doc__)
+    if status is not None:
+        return status
+    if FLAGS.readme is None:
         print("\n\n".join(make() for make in TABLES.values()))
-        return
-    with open(FLAGS.value) as f:
-        readme = f.read()
+        return 0
+    try:
+        with open(FLAGS.readme) as f:
+            readme = f.read()
+    except OSError as e:
+        return _cli.error(f"--readme={FLAGS.readme} cannot be read ({e.strerror})")
     for marker, make in TABLES.items():
         begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
         pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
         text = make()
         readme = pattern.sub(lambda _, t=text, b=begin, e=end: f"{b}\n{t}\n{e}", readme)
-    with open(FLAGS.value, "w") as f:
+    with open(FLAGS.readme, "w") as f:
         f.write(readme)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main(sys.argv))

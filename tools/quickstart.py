@@ -53,7 +53,7 @@ def _mediapipe_problem() -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    status, _ = _cli.parse(FLAGS, argv)
+    status, _ = _cli.parse(FLAGS, argv, doc=__doc__)
     if status is not None:
         return status
     run = Path(FLAGS.model_dir)

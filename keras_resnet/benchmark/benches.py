@@ -103,9 +103,11 @@ class KerasBench:
         apply_threads(spec)
         import keras
 
+        from keras_resnet.pipeline import machine
+
         self.keras = keras
         self.spec = spec
-        keras.utils.set_random_seed(spec["seed"])
+        machine.set_random_seed(spec["seed"])
         if spec.get("model_file"):
             from keras_resnet.pipeline.evaluation import load_predictor
 

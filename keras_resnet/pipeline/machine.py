@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import platform
+import sys
 from typing import Any
 
 import keras
@@ -18,6 +19,24 @@ import numpy as np
 import keras_resnet
 
 MACHINE_KEYS = ("accelerator", "cpu", "cpus", "keras_backend")
+
+
+def set_random_seed(seed: int) -> None:
+    """``keras.utils.set_random_seed`` without loading TensorFlow on another backend.
+
+    Keras seeds TensorFlow too wherever it is installed, which imports it (seconds, memory,
+    and its C++ start-up lines on stderr) in a JAX or PyTorch run that never uses it. There
+    TensorFlow is kept out of the call unless something imported it already: Keras then
+    sees it as not installed and seeds Python, NumPy, its own generators and torch.
+    """
+    if keras.config.backend() == "tensorflow" or "tensorflow" in sys.modules:
+        keras.utils.set_random_seed(seed)
+        return
+    sys.modules["tensorflow"] = None  # an import of it raises ImportError
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        del sys.modules["tensorflow"]
 
 
 def accelerator(backend: str | None = None) -> str | None:
