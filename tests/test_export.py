@@ -6,6 +6,7 @@ in conftest) is the run folder. Nothing here imports tfmot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -194,13 +195,25 @@ def _keras_top1(run, images: int) -> float:
     return float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y) * 100)
 
 
-def test_cli_fails_when_int8_accuracy_drops(run_copy, capsys):
-    # A negative allowance turns any int8 file into a failure: exit status 1, not 2.
+def test_cli_fails_when_int8_accuracy_drops(run_copy, capsys, monkeypatch):
+    # An int8 file scoring 50 points below Keras float fails: exit status 1, not 2.
+    from keras_resnet.pipeline import exporting
+
+    verify = exporting.verify
+
+    def fifty_points_lower(*args, **kwargs):
+        row = verify(*args, **kwargs)
+        return dataclasses.replace(row, top1=row.top1 - 50, top1_change=row.top1_change - 50)
+
+    monkeypatch.setattr(exporting, "verify", fifty_points_lower)
     status, _, err = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
                           "--modes=ptq_int8", "--eval_samples=64", "--latency_runs=2",
-                          "--max_accuracy_drop=-100")
+                          "--max_accuracy_drop=1")
     assert status == 1
-    assert "points below Keras float, more than --max_accuracy_drop" in err
+    assert "points below Keras float, more than --max_accuracy_drop=1.0" in err
+    assert tool_error(capsys, "export_tflite", f"--model_dir={run_copy}",
+                      "--max_accuracy_drop=-100") == (
+        "error: --max_accuracy_drop=-100.0 must be at least 0")
 
 
 def _error_of(capsys, *flags) -> str:

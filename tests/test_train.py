@@ -380,24 +380,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path,
 
 def test_nan_with_no_good_checkpoint_left_starts_the_run_again(digits_run, tmp_path, capsys):
     """Keeping one checkpoint, the only one left holds the weights that gave the bad loss:
-    it goes, with the record of it, so the next run starts again, with other options too."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(digits_run, run_dir)
-    config = read_json(run_dir / "config.json")
-    (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 1e30}))
-    status, _, err = cli(capsys, *TINY, "--epochs=3", "--steps_per_epoch=3",
-                         "--learning_rate=1e30", "--checkpoint_every_steps=1",
-                         "--keep_checkpoints=1", f"--model_dir={run_dir}")
-    assert status == 2 and len(err.strip().splitlines()) == 1
-    assert ("the loss became NaN or infinite at epoch 2, step 2, so training stopped; the "
-            "only checkpoint kept held the weights that gave it and was deleted, so the run "
-            "starts again when run next; lower --learning_rate or check the data") in err
-    assert list((run_dir / "checkpoints").iterdir()) == []
-    assert not (run_dir / "history.csv").exists()
-    status, out, err = cli(capsys, *TINY, "--epochs=1", "--steps_per_epoch=3",
-                           f"--model_dir={run_dir}")
-    assert status == 0, err
-    assert "resuming" not in out and history(run_dir) == [1]
+    it goes, with the record of it. A run that had not finished before then starts again
+    when run next, with other options too; a finished run extended this way keeps its
+    model.keras until told to start again."""
+    for finished in (False, True):
+        run_dir = tmp_path / f"run_{finished}"
+        shutil.copytree(digits_run, run_dir)
+        if not finished:
+            for name in ("model.keras", "best.keras"):
+                (run_dir / name).unlink()
+        config = read_json(run_dir / "config.json")
+        (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 1e30}))
+        status, _, err = cli(capsys, *TINY, "--epochs=3", "--steps_per_epoch=3",
+                             "--learning_rate=1e30", "--checkpoint_every_steps=1",
+                             "--keep_checkpoints=1", f"--model_dir={run_dir}")
+        assert status == 2 and len(err.strip().splitlines()) == 1
+        kept = ("the finished model.keras stays, so start again with --overwrite and a lower "
+                "--learning_rate, or check the data" if finished else
+                "so the run starts again when run next; lower --learning_rate or check the data")
+        assert ("the loss became NaN or infinite at epoch 2, step 2, so training stopped; the "
+                "only checkpoint kept held the weights that gave it and was deleted" in err)
+        assert err.strip().endswith(kept), err
+        assert list((run_dir / "checkpoints").iterdir()) == []
+        assert not (run_dir / "history.csv").exists()
+        again = ["--overwrite"] if finished else []
+        status, out, err = cli(capsys, *TINY, "--epochs=1", "--steps_per_epoch=3",
+                               f"--model_dir={run_dir}", *again)
+        assert status == 0, err
+        assert "resuming" not in out and history(run_dir) == [1]
 
 
 def test_weights_diverged_in_the_last_step_are_never_saved(tmp_path, capsys):
@@ -441,8 +451,8 @@ def test_cli_bad_data(tmp_path, capsys):
     status, _, err = cli(capsys, "--depth=20", "--dataset=folder", f"--data_dir={root}",
                          f"--model_dir={tmp_path / 'run'}")
     assert status == 2 and f"class folder {root / 'dog'} holds no images" in err
-    status, _, err = cli(capsys, "--depth=20", "--dataset=cifar10", f"--data_dir={tmp_path}",
-                         f"--model_dir={tmp_path / 'run'}")
+    status, _, err = cli(capsys, "--depth=20", "--dataset=cifar10",
+                         f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={tmp_path / 'run'}")
     assert status == 2 and "TFDS dataset 'cifar10' is not prepared" in err
 
 
@@ -712,19 +722,24 @@ def test_the_weight_average_starts_again_at_the_weights_of_the_unfrozen_phase(di
 def test_tfds_training_through_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    data_dir = str(tmp_path / "tfds")
+    builder = tfds.builder("cifar10", data_dir=data_dir)
     builder.info.set_splits(tfds.core.SplitDict([
         tfds.core.SplitInfo(name=n, shard_lengths=[k], num_bytes=0, filename_template=None)
         for n, k in (("train", 64), ("test", 16))]))
     os.makedirs(builder.data_dir, exist_ok=True)
     builder.info.write_to_directory(builder.data_dir)
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_FILES,
-                                data_dir=str(tmp_path)):
+                                data_dir=data_dir):
         metrics = pipeline.train(pipeline.TrainConfig(
-            depth=8, dataset="cifar10", data_dir=str(tmp_path), epochs=1, batch_size=16,
+            depth=8, dataset="cifar10", data_dir=data_dir, epochs=1, batch_size=16,
             steps_per_epoch=2, model_dir=str(tmp_path / "run"), verbose="false"))
     assert metrics["epochs"] == 1 and metrics["val_images"] == 6  # 10% of train carved
-    assert read_json(tmp_path / "run" / "config.json")["dataset"] == "cifar10"
+    config = read_json(tmp_path / "run" / "config.json")
+    assert config["dataset"] == "cifar10"
+    # the data fingerprint of a TFDS dataset: its name, version and split sizes
+    assert config["data"]["kind"] == "tfds" and config["data"]["name"] == "cifar10"
+    assert config["data"]["splits"] == {"test": 16, "train": 64}
 
 
 # --------------------------------------------------------------------------- subprocesses

@@ -128,13 +128,17 @@ def call(flag_values: flags.FlagValues, function, first: str):
     function's arguments.
 
     Returns:
-        ``(None, result)``, or ``(2, None)`` after printing a UserError as one line.
+        ``(None, result)``, or ``(2, None)`` after printing a UserError as one line, or
+        ``(128 + signal, None)`` after a stop by SIGTERM/SIGINT.
     """
-    from keras_resnet.pipeline.errors import UserError
+    from keras_resnet.pipeline.errors import Interrupted, UserError
 
     options = {name: flag_values[name].value for name in flag_values if name != first}
     try:
         return None, function(flag_values[first].value, **options)
+    except Interrupted as e:  # SIGTERM/SIGINT: one line, 128 + the signal
+        print(str(e), file=sys.stderr, flush=True)
+        return e.status, None
     except UserError as e:
         return user_error(e, flag_values), None
 

@@ -343,6 +343,7 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
     for ok, message in (
             (resolved.learning_rate > 0, "learning_rate must be positive"),
             (resolved.weight_decay >= 0, "weight_decay must be at least 0"),
+            (0 <= resolved.momentum < 1, "momentum must be at least 0 and below 1"),
             (0 <= resolved.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (0 <= resolved.ema_decay < 1, "ema_decay must be in [0, 1) (0: no average)"),
             (resolved.ema_bn_batches >= 0, "ema_bn_batches must be at least 0 (0: the "

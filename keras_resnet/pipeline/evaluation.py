@@ -19,14 +19,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
 
 import numpy as np
 
-from keras_resnet.pipeline import data, files, rundir, safe_writes
-from keras_resnet.pipeline.errors import UserError, choose, first_line
+from keras_resnet.pipeline import data, files, lineage, rundir, safe_writes
+from keras_resnet.pipeline.errors import UserError, at_least, choose, first_line, fraction
 
 FORMATS = (".keras", ".tflite")
 RUNTIMES = ("litert", "mediapipe")
@@ -71,12 +72,7 @@ def load_predictor(path, *, num_threads: int | None = None, runtime: str = "lite
             model that does not load.
     """
     choose("runtime", runtime, RUNTIMES)
-    path = os.path.expanduser(os.fspath(path))
-    if not path.endswith(FORMATS):
-        raise UserError(f"model {path} must be a .keras or .tflite file")
-    if not os.path.isfile(path):
-        raise UserError(f"model file {path} does not exist")
-    files.check_file_format(path)
+    path = check_model_file(path)
     if path.endswith(".keras"):
         if runtime != "litert":
             raise UserError(f"runtime={runtime} runs .tflite files; {path} is a Keras model")
@@ -88,6 +84,22 @@ def load_predictor(path, *, num_threads: int | None = None, runtime: str = "lite
     from keras_resnet.pipeline.litert import LiteRTModel
 
     return LiteRTModel(path=path, num_threads=num_threads)
+
+
+def check_model_file(path) -> str:
+    """The path of a model file :func:`load_predictor` can load, checked without loading it.
+
+    Raises:
+        UserError: not a .keras or .tflite name, no such file, or a file that is not what
+            its name says.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    if not path.endswith(FORMATS):
+        raise UserError(f"model {path} must be a .keras or .tflite file")
+    if not os.path.isfile(path):
+        raise UserError(f"model file {path} does not exist")
+    files.check_file_format(path)
+    return path
 
 
 def probabilities(scores: np.ndarray) -> np.ndarray:
@@ -236,15 +248,24 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
         The result of :func:`score` plus the model, data and split it was measured on.
     """
     choose("tta", tta, TTA)
-    predictor = load_predictor(model_path, num_threads=num_threads, runtime=runtime)
-    run, run_labels = rundir.find_run(model_path)
-    run = run or {}
+    at_least(batch_size=batch_size, num_threads=num_threads, image_size=image_size)
+    if val_fraction is not None:
+        fraction("val_fraction", val_fraction)
+    check_model_file(model_path)
+    found = rundir.find_run(model_path)
+    run = found.config or {}
     dataset = dataset or run.get("dataset")
     if not dataset:
         raise UserError("dataset= is required (the model has no training run's config.json "
                         "next to it)")
     same_data = dataset == run.get("dataset")
     data_dir = data_dir or (run.get("data_dir") if same_data else None)
+    _check_outputs(model_path, data_dir, output_json=output_json, confusion_png=confusion_png)
+    if found.folder is not None:
+        _check_run_files(found, model_path, split=split, dataset=dataset, data_dir=data_dir,
+                         val_fraction=val_fraction, seed=seed)
+    predictor = load_predictor(model_path, num_threads=num_threads, runtime=runtime)
+    run_labels = found.labels
     image_size = image_size or predictor.image_size or run.get("image_size")
     if not image_size:
         raise UserError("image_size= is required (the model's input size is not fixed)")
@@ -278,6 +299,65 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
         os.makedirs(folder, exist_ok=True)
         safe_writes.write_json(output_json, results)
     return results
+
+
+# Splits carved from the data a run trained on: scoring them needs the run's own carve.
+CARVED_SPLITS = ("train", "val", "validation")
+
+
+def _check_outputs(model_path, data_dir, *, output_json, confusion_png) -> None:
+    """Refuses output paths that would replace the model, the data or a run's file, or an
+    existing file of another kind."""
+    for path, what, valid in ((output_json, "output_json", _is_json),
+                              (confusion_png, "confusion_png", _is_png)):
+        if not path:
+            continue
+        rundir.check_output(path, inputs=[model_path, data_dir], what=what)
+        path = os.path.expanduser(os.fspath(path))
+        if os.path.isdir(path):
+            raise UserError(f"{what} {path} is a folder; name a file")
+        if os.path.isfile(path) and not valid(path):
+            raise UserError(f"{what} {path} exists and is not a {what.split('_')[-1]} file "
+                            "this tool wrote; choose another path")
+    if output_json and confusion_png and os.path.realpath(os.fspath(output_json)) == \
+            os.path.realpath(os.fspath(confusion_png)):
+        raise UserError("output_json and confusion_png name the same file; give each its own")
+
+
+def _is_json(path) -> bool:
+    try:
+        with open(path) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_run_files(found: rundir.FoundRun, model_path, *, split, dataset, data_dir,
+                     val_fraction, seed) -> None:
+    """Refuses to score a stale file of a run, with a labels.txt edited after training, or
+    on a carved split that is not the run's own (other data, val_fraction or seed)."""
+    name = os.path.basename(os.fspath(model_path))
+    in_folder = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(model_path))))
+    names = [rundir.LABELS]
+    if os.path.realpath(in_folder) == os.path.realpath(found.folder) and lineage.tracked(name):
+        names.append(name)
+    lineage.check_current(found.folder, names)
+    run = found.config
+    if split not in CARVED_SPLITS or dataset != run.get("dataset"):
+        return
+    for option, value in (("val_fraction", val_fraction), ("seed", seed)):
+        if value is not None and value != run.get(option, value):
+            raise UserError(f"{option}={value} is not the {run.get(option)} the run carved its "
+                            f"validation images with, so split={split} would mix images it "
+                            f"trained on into them; leave {option} out")
+    lineage.check_data(found.folder, run, dataset=dataset, data_dir=data_dir,
+                       what=f"split={split}")
 
 
 def plot_confusion(confusion, class_names, path, *, title: str = "") -> None:

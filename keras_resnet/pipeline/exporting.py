@@ -35,8 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_resnet.pipeline import data, metadata, rundir, safe_writes, tflite
-from keras_resnet.pipeline.errors import DataError, ExportError, choose
+from keras_resnet.pipeline import data, lineage, metadata, rundir, safe_writes, tflite
+from keras_resnet.pipeline.errors import DataError, ExportError, at_least, choose
 from keras_resnet.pipeline.evaluation import Predictions, predict_batches
 from keras_resnet.pipeline.litert import LiteRTModel
 
@@ -141,8 +141,9 @@ def _size(size: int | None) -> str:
 
 def handoff(content: bytes, *, model_file: str, labels_file: str = rundir.LABELS,
             variant: str | None = None, top1: float | None = None,
-            images: int | None = None) -> dict:
-    """The sidecar for apps that do not read metadata: layout, dtypes and quantization.
+            images: int | None = None, made_from: dict[str, str] | None = None) -> dict:
+    """The hand-off file for apps that do not read metadata: layout, dtypes and
+    quantization, and (``made_from``) the sha256 of the file and of what it was made from.
 
     Normalisation is inside the model, so the app feeds raw 0..255 RGB pixels.
     """
@@ -172,6 +173,8 @@ def handoff(content: bytes, *, model_file: str, labels_file: str = rundir.LABELS
     }
     if variant:
         result["architecture"] = variant
+    if made_from:
+        result["made_from"] = made_from
     if top1 is not None and not math.isnan(top1):
         result["validation_top1"] = round(top1, 2)
         if images:
@@ -225,39 +228,84 @@ def export(run_dir, modes: Sequence[str] = ("all",), *, io: str = "float32",
             audit, or an existing file without ``overwrite``.
     """
     choose("io", io, tflite.IO_TYPES, error=ExportError)
+    at_least(ExportError, minimum=0, eval_samples=eval_samples,
+             max_accuracy_drop=max_accuracy_drop)
+    at_least(ExportError, parity_samples=parity_samples, latency_runs=latency_runs,
+             batch_size=batch_size)
     run = rundir.read_run(run_dir)
     modes, notes = _modes(run, modes)
-    for name, value, low in (("eval_samples", eval_samples, 0),
-                             ("parity_samples", parity_samples, 1),
-                             ("latency_runs", latency_runs, 1)):
-        if value < low:
-            raise ExportError(f"{name}={value} must be at least {low}")
     with rundir.RunLock(run.path):
-        return _export(run, modes, notes, io=io, overwrite=overwrite,
-                       settings=run.data_settings(dataset=dataset, data_dir=data_dir,
-                                                  batch_size=batch_size),
-                       representative_samples=representative_samples,
-                       eval_samples=eval_samples, parity_samples=parity_samples,
-                       latency_runs=latency_runs, max_accuracy_drop=max_accuracy_drop)
+        lineage.adopt(run.path)
+        plan = _plan(run, modes, io=io, overwrite=overwrite)
+        lineage.check_current(run.path, plan.reads)
+        lineage.check_data(run.path, run.config, dataset=dataset, data_dir=data_dir,
+                           what="scoring the files on its validation images")
+        outputs = [*rundir.EXPORT_FILES, rundir.INT8_MODEL]
+        with lineage.step(run.path, "export", outputs, replace=plan.replace) as stop:
+            report = _export(run, modes, notes, plan=plan, io=io,
+                             settings=run.data_settings(dataset=dataset, data_dir=data_dir,
+                                                        batch_size=batch_size),
+                             representative_samples=representative_samples,
+                             eval_samples=eval_samples, parity_samples=parity_samples,
+                             latency_runs=latency_runs, max_accuracy_drop=max_accuracy_drop)
+            stop.check()
+            lineage.record(run.path, plan.writes, by="export",
+                           data=(run.config.get("data") or {}).get("digest"))
+        return report
 
 
-def _export(run, modes, notes, *, io, overwrite, settings, representative_samples,
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What one export reads and writes in the run folder.
+
+    Attributes:
+        reuse_qat: qat_int8 re-verifies the int8 file qat() wrote instead of converting.
+        convert: the modes converted now.
+        reads: the run's files the export is made from.
+        writes: every file it writes (converted files, hand-off files, export.json).
+        replace: existing files it writes again (overwrite=True).
+    """
+
+    reuse_qat: bool
+    convert: tuple[str, ...]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    replace: tuple[str, ...]
+
+
+def _plan(run, modes, *, io, overwrite) -> Plan:
+    """The files an export reads and writes; refuses what it cannot do."""
+    leftovers = set(lineage.leftovers(run.path, [*rundir.EXPORT_FILES, rundir.INT8_MODEL]))
+
+    def exists(name):
+        return (run.path / name).is_file() and name not in leftovers
+
+    reuse_qat = "qat_int8" in modes and exists(rundir.INT8_MODEL) and not overwrite
+    if "qat_int8" in modes and not reuse_qat and not exists(rundir.QAT_MODEL):
+        raise ExportError(f"mode qat_int8 needs {run.path / rundir.QAT_MODEL}; run qat first")
+    convert = tuple(m for m in modes if not (m == "qat_int8" and reuse_qat))
+    if io != "float32" and not any(m in tflite.INT8_MODES for m in convert):
+        raise ExportError(f"io={io} applies to int8 files only; add ptq_int8 or qat_int8 to "
+                          "modes")
+    for mode in convert:
+        path = run.path / tflite.FILES[mode]
+        if exists(path.name) and not overwrite:
+            raise ExportError(f"{path} already exists; pass overwrite=True to replace it")
+    files = [tflite.FILES[m] for m in modes]
+    writes = [tflite.FILES[m] for m in convert] + [rundir.sidecar(f) for f in files]
+    writes.append(rundir.EXPORT_REPORT)
+    reads = [rundir.MODEL, rundir.LABELS]
+    if "qat_int8" in modes:
+        reads.append(rundir.INT8_MODEL if reuse_qat else rundir.QAT_MODEL)
+    return Plan(reuse_qat=reuse_qat, convert=convert, reads=tuple(reads), writes=tuple(writes),
+                replace=tuple(n for n in writes if exists(n)))
+
+
+def _export(run, modes, notes, *, plan, io, settings, representative_samples,
             eval_samples, parity_samples, latency_runs, max_accuracy_drop):
     from keras_resnet.pipeline import calibration
 
-    # Whether qat_int8 reuses the file qat() wrote.
-    reuse_qat = ("qat_int8" in modes and (run.path / rundir.INT8_MODEL).is_file()
-                 and not overwrite)
-    if "qat_int8" in modes and not reuse_qat and not (run.path / rundir.QAT_MODEL).is_file():
-        raise ExportError(f"mode qat_int8 needs {run.path / rundir.QAT_MODEL}; run qat first")
-    writes = [m for m in modes if not (m == "qat_int8" and reuse_qat)]
-    if io != "float32" and not any(m in tflite.INT8_MODES for m in writes):
-        raise ExportError(f"io={io} applies to int8 files only; add ptq_int8 or qat_int8 to "
-                          "modes")
-    for mode in writes:
-        path = run.path / tflite.FILES[mode]
-        if path.exists() and not overwrite:
-            raise ExportError(f"{path} already exists; pass overwrite=True to replace it")
+    reuse_qat, writes = plan.reuse_qat, plan.convert
     model = rundir.load_model(run)
     common = {k: settings[k] for k in ("val_fraction", "seed", "num_classes")}
     representative = None
@@ -313,10 +361,12 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
                      parity_samples=parity_samples, latency_runs=latency_runs)
         rows.append(row)
         _log(f"{path.name}: {origin}; audit passed ({tflite.inspect(content).summary()})")
-        sidecar = path.with_suffix(".json")
+        sidecar = run.path / rundir.sidecar(path.name)
+        made_from = {path.name: lineage.digest_of(path), **lineage.made_from(run.path,
+                                                                             path.name)}
         safe_writes.write_json(sidecar, handoff(content, model_file=path.name,
                                                 variant=run.variant, top1=row.top1,
-                                                images=images))
+                                                images=images, made_from=made_from))
         sidecars[mode] = sidecar.name
 
     keras_size = (run.path / rundir.MODEL).stat().st_size
@@ -327,7 +377,8 @@ def _export(run, modes, notes, *, io, overwrite, settings, representative_sample
     failed = [r.name for r in rows if r.int8 and -r.top1_change > max_accuracy_drop]
     report = {"keras_top1": keras_top1, "eval_images": images, "io": io,
               "rows": [dataclasses.asdict(r) for r in rows], "handoff": sidecars,
-              "max_accuracy_drop": max_accuracy_drop, "failed": failed}
+              "max_accuracy_drop": max_accuracy_drop, "failed": failed,
+              "made_from": lineage.made_from(run.path, rundir.EXPORT_REPORT)}
     safe_writes.write_json(run.path / rundir.EXPORT_REPORT, report)
     return {**report, "table": table}
 

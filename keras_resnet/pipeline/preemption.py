@@ -1,4 +1,6 @@
-"""SIGTERM and SIGINT as a request to stop training at the next step, with a checkpoint.
+"""SIGTERM and SIGINT: a request to stop training at the next step, with a checkpoint
+(:class:`StopRequest`), or to stop a step that has no checkpoints (QAT, export) at once
+(:class:`StopNow`).
 
 Cloud schedulers and Kubernetes send SIGTERM before they take a machine away (and SIGKILL
 a grace period later); Ctrl+C sends SIGINT. Inside :class:`StopRequest` either signal only
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import signal
 import threading
+
+from keras_resnet.pipeline.errors import Interrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -48,6 +52,55 @@ class StopRequest:
         if self.signum is None:
             self.signum = signum
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
+
+
+class StopNow:
+    """SIGTERM/SIGINT stop a job at once with :class:`Interrupted` (exit status 128 + the
+    signal), instead of a KeyboardInterrupt traceback.
+
+    The exception is raised where the signal arrives; a library that swallows exceptions
+    at that point (a garbage-collection callback) cannot hide it, because :meth:`check`
+    raises it again: call it before the job commits its results.
+
+    Args:
+        what: the job, as the message names it ("QAT").
+        then: what the user does next, as the message says it.
+
+    Example:
+        >>> with StopNow("export", then="run the same command again") as stop:
+        ...     write_files()
+        ...     stop.check()
+        ...     commit()
+    """
+
+    def __init__(self, what: str, *, then: str):
+        self.what, self.then = what, then
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> StopNow:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+        raise self.interrupted()
+
+    def interrupted(self) -> Interrupted:
+        name = signal.Signals(self.signum).name
+        return Interrupted(f"{self.what} stopped by {name}; {self.then}",
+                           status=128 + self.signum)
+
+    def check(self) -> None:
+        """Raises :class:`Interrupted` when a signal arrived (even one whose exception was
+        swallowed)."""
+        if self.signum is not None:
+            raise self.interrupted()

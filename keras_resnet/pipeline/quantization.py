@@ -30,12 +30,14 @@ from keras_resnet.pipeline import (
     data,
     evaluation,
     exporting,
+    lineage,
     metadata,
     rundir,
     safe_writes,
     tflite,
 )
-from keras_resnet.pipeline.errors import QuantizeError, choose, first_line
+from keras_resnet.pipeline.config import AUTO_BOOL
+from keras_resnet.pipeline.errors import QuantizeError, at_least, choose, first_line, positive
 from keras_resnet.pipeline.litert import LiteRTModel
 from keras_resnet.pipeline.quantize_configs import check_variant, quantize_model
 
@@ -44,7 +46,7 @@ from keras_resnet.pipeline.quantize_configs import check_variant, quantize_model
 TWIN_TOLERANCE = 1e-3
 # Fine-tuning learning rate as a share of the run's peak rate (measured, BUILD.md "Results").
 QAT_LR_SHARE = 0.001
-OUTPUTS = (rundir.QAT_MODEL, rundir.INT8_MODEL, "model_int8.json", rundir.QAT_REPORT)
+OUTPUTS = rundir.QAT_FILES
 
 
 def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
@@ -107,6 +109,10 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def _data_digest(run: rundir.Run) -> str | None:
+    return (run.config.get("data") or {}).get("digest")
+
+
 def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str | None = None,
         batch_size: int | None = None, learning_rate: float | None = None,
         steps_per_epoch: int | None = None, calibration_steps: int = 32,
@@ -143,22 +149,32 @@ def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str |
             run's, a variant QAT cannot handle, a failed conversion or audit.
     """
     choose("io", io, tflite.IO_TYPES, error=QuantizeError)
-    for name, value in (("epochs", epochs), ("calibration_steps", calibration_steps),
-                        ("agreement_samples", agreement_samples)):
-        if value is not None and value < 1:
-            raise QuantizeError(f"{name}={value} must be at least 1")
+    choose("verbose", verbose, AUTO_BOOL, error=QuantizeError)
+    at_least(QuantizeError, epochs=epochs, calibration_steps=calibration_steps,
+             agreement_samples=agreement_samples, batch_size=batch_size,
+             steps_per_epoch=steps_per_epoch)
+    positive(QuantizeError, learning_rate=learning_rate)
     run = rundir.read_run(run_dir)
     check_variant(run.variant)
     with rundir.RunLock(run.path):
-        existing = [f for f in OUTPUTS if (run.path / f).exists()]
+        lineage.adopt(run.path)
+        existing = [f for f in OUTPUTS if (run.path / f).exists()
+                    and f not in lineage.leftovers(run.path, OUTPUTS)]
         if existing and not overwrite:
             raise QuantizeError(f"{run.path / existing[0]} already exists; pass "
                                 "overwrite=True to replace it")
-        return _qat(run, epochs=epochs, dataset=dataset, data_dir=data_dir,
-                    batch_size=batch_size, learning_rate=learning_rate,
-                    steps_per_epoch=steps_per_epoch, calibration_steps=calibration_steps,
-                    freeze_bn=freeze_bn, io=io, agreement_samples=agreement_samples,
-                    verbose=verbose)
+        lineage.check_current(run.path, [rundir.MODEL, rundir.LABELS])
+        lineage.check_data(run.path, run.config, dataset=dataset, data_dir=data_dir,
+                           what="scoring its validation images")
+        with lineage.step(run.path, "QAT", OUTPUTS, replace=existing) as stop:
+            figures = _qat(run, epochs=epochs, dataset=dataset, data_dir=data_dir,
+                           batch_size=batch_size, learning_rate=learning_rate,
+                           steps_per_epoch=steps_per_epoch,
+                           calibration_steps=calibration_steps, freeze_bn=freeze_bn, io=io,
+                           agreement_samples=agreement_samples, verbose=verbose)
+            stop.check()
+            lineage.record(run.path, OUTPUTS, by="qat", data=_data_digest(run))
+        return figures
 
 
 def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per_epoch,
@@ -170,8 +186,10 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     cutout = int(run.config["cutout"])
     bundle = data.load_data(**settings, augment=True, cutout=cutout)
     if bundle.val is None:
-        raise QuantizeError("the run has no validation split (val_fraction=0), so the "
-                            "quantized model cannot be checked")
+        raise QuantizeError(f"the run has no validation images (val_fraction="
+                            f"{settings['val_fraction']:g} carves none from "
+                            f"{settings['dataset']}), so the quantized model cannot be "
+                            "checked")
     if tuple(bundle.class_names) != run.labels:
         raise QuantizeError(f"the classes of {settings['dataset']} differ from the run's "
                             "labels.txt; pass the run's dataset")
@@ -209,9 +227,11 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     labels, after, int8_top1 = scored.labels, scored.top1(0), scored.top1(1)
     qat_classes, int8_classes = scored.classes
     agreement = float(np.mean(int8_classes == qat_classes) * 100)
+    made_from = {rundir.INT8_MODEL: lineage.digest_of(run.path / rundir.INT8_MODEL),
+                 **lineage.made_from(run.path, rundir.QAT_MODEL)}
     handoff = exporting.handoff(content, model_file=rundir.INT8_MODEL, variant=run.variant,
-                                top1=int8_top1, images=len(labels))
-    safe_writes.write_json(run.path / "model_int8.json", handoff)
+                                top1=int8_top1, images=len(labels), made_from=made_from)
+    safe_writes.write_json(run.path / rundir.INT8_SIDECAR, handoff)
     figures = {
         "variant": run.variant, "twin_max_abs_probability_diff": diff,
         "calibration_batches": used, "epochs": epochs, "learning_rate": learning_rate,
@@ -222,6 +242,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
         "int8_vs_qat_top1_agreement": agreement,
         "int8_ops": dict(report.ops), "int8_bytes": len(content),
         "wall_time_s": time.perf_counter() - start,
+        "made_from": lineage.made_from(run.path, rundir.QAT_MODEL),
     }
     safe_writes.write_json(run.path / rundir.QAT_REPORT, figures)
     _log(f"top-1 on {len(labels)} validation images: float {float_top1:.2f}%, QAT "
@@ -229,5 +250,6 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
          f"{agreement:.1f}%)")
     _log(f"op audit: builtin ops only, every conv/FC in int8 ({report.summary()})")
     _log(f"wrote {run.path / rundir.QAT_MODEL}, {run.path / rundir.INT8_MODEL} "
-         f"({len(content) / 1024:.1f} KiB, with metadata), model_int8.json, qat.json")
+         f"({len(content) / 1024:.1f} KiB, with metadata), {rundir.INT8_SIDECAR}, "
+         f"{rundir.QAT_REPORT}")
     return figures

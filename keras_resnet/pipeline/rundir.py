@@ -30,16 +30,25 @@ import csv
 import dataclasses
 import errno
 import fcntl
+import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from keras_resnet.pipeline import config as config_lib
 from keras_resnet.pipeline.errors import RunDirError, RunLocked
-from keras_resnet.pipeline.safe_writes import guarded_write, save_atomic, write_json
+from keras_resnet.pipeline.safe_writes import (
+    guarded_write,
+    save_atomic,
+    write_bytes_atomic,
+    write_errno,
+    write_failure,
+    write_json,
+)
 
 CONFIG = "config.json"
 LABELS = "labels.txt"
@@ -56,7 +65,29 @@ QAT_MODEL = "model_qat.h5"
 INT8_MODEL = "model_int8.tflite"
 QAT_REPORT = "qat.json"
 EXPORT_REPORT = "export.json"
-TRAIN_FILES = (CONFIG, LABELS, MODEL, BEST, METRICS, HISTORY, CURVES)
+LINEAGE = "lineage.json"
+DATA_FILES = "data_files.txt.gz"
+# export mode -> the file it writes. "qat_int8" is the QAT int8 model, the Android hand-off.
+EXPORTED = {
+    "float32": "model_float32.tflite",
+    "float16": "model_float16.tflite",
+    "dynamic": "model_dynamic.tflite",
+    "ptq_int8": "model_ptq_int8.tflite",
+    "qat_int8": INT8_MODEL,
+}
+TRAIN_FILES = (CONFIG, LABELS, MODEL, BEST, METRICS, HISTORY, CURVES, LINEAGE, DATA_FILES)
+
+
+def sidecar(name: str) -> str:
+    """The hand-off ``.json`` written next to an exported file."""
+    return os.path.splitext(name)[0] + ".json"
+
+
+INT8_SIDECAR = sidecar(INT8_MODEL)
+QAT_FILES = (QAT_MODEL, INT8_MODEL, INT8_SIDECAR, QAT_REPORT)
+EXPORT_FILES = (*EXPORTED.values(), *(sidecar(f) for f in EXPORTED.values()), EXPORT_REPORT)
+# Every file a run, its QAT and its exports write in the run folder.
+RUN_FILES = tuple(dict.fromkeys(TRAIN_FILES + QAT_FILES + EXPORT_FILES))
 TRAIN_DIRS = (CHECKPOINTS, LOGS)
 # What qat and export read from a finished run.
 FINISHED_FILES = (MODEL, CONFIG, LABELS)
@@ -86,6 +117,26 @@ def write_history(run_dir, history: list[dict[str, float]]) -> None:
         os.replace(tmp, path)
 
 
+def write_data_files(run_dir, lines) -> None:
+    """Writes the data fingerprint's file list (gzip, one line per image) when it changed."""
+    content = gzip.compress(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"),
+                            mtime=0)
+    path = os.path.join(run_dir, DATA_FILES)
+    if os.path.isfile(path) and Path(path).read_bytes() == content:
+        return
+    write_bytes_atomic(path, content)
+
+
+def read_data_files(run_dir) -> list[str] | None:
+    """The file list :func:`write_data_files` wrote, or None."""
+    try:
+        text = gzip.decompress(Path(run_dir, DATA_FILES).read_bytes()).decode(
+            "utf-8", "surrogateescape")
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    return [line for line in text.splitlines() if line]
+
+
 # ----------------------------------------------------------------------------- lock
 
 
@@ -107,10 +158,17 @@ class RunLock:
         self._created = False
 
     def __enter__(self) -> RunLock:
+        check_folder(self.run_dir)
         self._created = not os.path.isdir(self.run_dir)
-        os.makedirs(self.run_dir, exist_ok=True)
         path = os.path.join(self.run_dir, LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            code = write_errno(e)
+            if code is None:
+                raise
+            raise write_failure(path, code) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -139,6 +197,75 @@ class RunLock:
         self._fd = None
 
 
+# ----------------------------------------------------------------------------- paths
+
+
+def check_folder(path) -> None:
+    """Refuses a run folder path that names a file (or lies inside one).
+
+    Raises:
+        RunDirError: one sentence naming the file.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"lies inside the file {probe}"
+        raise RunDirError(f"model_dir {path} {where}, not a folder; choose a folder for the "
+                          "run")
+
+
+def check_apart(model_dir, data_dir) -> None:
+    """Refuses a run folder that is the data folder, lies inside it or holds it: the run's
+    files would count as data (checkpoints/ as a class) or its data as run files.
+
+    Raises:
+        RunDirError: one sentence naming both folders.
+    """
+    if not data_dir:
+        return
+    run = os.path.realpath(os.path.expanduser(os.fspath(model_dir)))
+    data = os.path.realpath(os.path.expanduser(os.fspath(data_dir)))
+    if run == data:
+        relation = "is"
+    elif run.startswith(data.rstrip(os.sep) + os.sep):
+        relation = "is inside"
+    elif data.startswith(run.rstrip(os.sep) + os.sep):
+        relation = "holds"
+    else:
+        return
+    raise RunDirError(f"model_dir {run} {relation} the data folder {data}; keep runs apart "
+                      "from the data, e.g. model_dir=runs/<name>")
+
+
+def check_output(path, *, inputs=(), what: str = "output") -> None:
+    """Refuses an output path that would replace an input or a run's file.
+
+    ``path`` may not be one of ``inputs`` (files or folders; a path inside an input folder
+    is refused too), nor a file that a run folder tracks (a model, labels.txt,
+    config.json, a checkpoint, ...).
+
+    Raises:
+        RunDirError: naming the path and what it would replace.
+    """
+    target = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    for source in inputs:
+        if not source:
+            continue
+        source = os.path.realpath(os.path.expanduser(os.fspath(source)))
+        if target == source or target.startswith(source.rstrip(os.sep) + os.sep):
+            raise RunDirError(f"{what} {target} would overwrite the input {source}; choose "
+                              "another path")
+    folder, name = os.path.split(target)
+    run_folder = os.path.isfile(os.path.join(folder, CONFIG))
+    inside = os.path.basename(folder) in TRAIN_DIRS and os.path.isfile(
+        os.path.join(os.path.dirname(folder), CONFIG))
+    if inside or (run_folder and name in (*RUN_FILES, LOCK)):
+        raise RunDirError(f"{what} {target} would overwrite a file of the run in {folder}; "
+                          "choose another name")
+
+
 # ----------------------------------------------------------------------------- identity
 
 
@@ -163,13 +290,25 @@ def check_model_dir(model_dir, identity: dict[str, Any], *, overwrite: bool) -> 
     model_dir = os.fspath(model_dir)
     config_path = os.path.join(model_dir, CONFIG)
     if os.path.isfile(config_path) and not overwrite:
-        old = read_config(model_dir) or {}
+        old = read_config(model_dir)
+        if old is None:
+            raise RunDirError(f"{config_path} is unreadable (cut short or not JSON), so the "
+                              "run it belongs to is unknown; choose another model_dir or pass "
+                              "overwrite=True to replace the run")
         mismatch = [k for k in identity if k in old and old.get(k) != identity[k]]
-        if not old or mismatch:
+        if mismatch:
             raise RunDirError(
                 f"model_dir {model_dir} holds a run of {describe(old)}, not "
                 f"{describe({**old, **identity})}; choose another model_dir or pass "
                 "overwrite=True to replace it")
+        checkpoints = os.path.join(model_dir, CHECKPOINTS)
+        trained = [f for f in (MODEL, BEST) if os.path.isfile(os.path.join(model_dir, f))]
+        if trained and not (os.path.isfile(os.path.join(checkpoints, CHECKPOINT_STATE))
+                            or checkpoint_files(checkpoints)):
+            raise RunDirError(f"model_dir {model_dir} holds a trained model ({trained[0]}) but "
+                              f"no checkpoint to resume from ({CHECKPOINTS}/ is empty or "
+                              "missing); pass overwrite=True to train again from the start, "
+                              "or choose another model_dir")
     elif (not overwrite and not os.path.isfile(config_path)
           and os.path.isdir(os.path.join(model_dir, CHECKPOINTS))):
         raise RunDirError(f"model_dir {model_dir} holds checkpoints but no config.json; "
@@ -184,9 +323,7 @@ def clear(model_dir) -> None:
         return
     for name in os.listdir(model_dir):
         path = os.path.join(model_dir, name)
-        written = name in TRAIN_FILES or name in (QAT_MODEL, QAT_REPORT, EXPORT_REPORT) or (
-            name.startswith("model_") and name.endswith((".tflite", ".json")))
-        if written and os.path.isfile(path):
+        if name in RUN_FILES and os.path.isfile(path):
             os.remove(path)
     for name in TRAIN_DIRS:
         shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
@@ -246,15 +383,17 @@ def read_checkpoint_state(model_dir) -> dict[str, Any] | None:
     folder = os.path.join(model_dir, CHECKPOINTS)
     path = os.path.join(folder, CHECKPOINT_STATE)
     if not os.path.isfile(path):
-        return None
+        return _rebuilt_state(model_dir, "is missing") if checkpoint_files(folder) else None
     try:
         state = read_json(path)
         entries = state.get("checkpoints") or [
             {"weights": state["weights"], **{k: state[k] for k in CHECKPOINT_STATE_KEYS
                                              if k in state}}]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RunDirError(f"{path} is unreadable ({type(e).__name__}: {e}); pass "
-                          "overwrite=True to start the run again") from None
+        if checkpoint_files(folder):
+            return _rebuilt_state(model_dir, f"is unreadable ({type(e).__name__})")
+        raise RunDirError(f"{path} is unreadable ({type(e).__name__}: {e}) and no checkpoint "
+                          "file is left; pass overwrite=True to start the run again") from None
     damaged = []
     for index in range(len(entries) - 1, -1, -1):
         entry = entries[index]
@@ -268,6 +407,95 @@ def read_checkpoint_state(model_dir) -> dict[str, Any] | None:
         return resumed
     raise RunDirError(f"no checkpoint in {folder} is intact ({'; '.join(damaged)}); pass "
                       "overwrite=True to start the run again")
+
+
+_CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})(?:_step_(\d{6,}))?\.weights\.h5")
+
+
+def checkpoint_files(folder) -> list[tuple[int, int, str]]:
+    """``(epoch, step, name)`` of every checkpoint file in ``folder``, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = _CHECKPOINT_NAME.fullmatch(name)
+        if match:
+            found.append((int(match[1]), int(match[2] or 0), name))
+    return sorted(found)
+
+
+def h5_problem(path) -> str | None:
+    """What is wrong with an HDF5 file whose size and hash were never recorded (it does
+    not open, or a dataset in it cannot be read to its end), or None."""
+    import h5py
+
+    problems = []
+
+    def read(name, item):
+        if isinstance(item, h5py.Dataset) and not problems:
+            try:
+                item[()]
+            except Exception as e:  # noqa: BLE001 - h5py raises several types for bad data
+                problems.append(f"{name} is unreadable ({type(e).__name__})")
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(read)
+    except Exception as e:  # noqa: BLE001
+        return f"it does not open as HDF5 ({type(e).__name__})"
+    return problems[0] if problems else None
+
+
+def _rebuilt_state(model_dir, why: str) -> dict[str, Any]:
+    """The run state rebuilt from the checkpoint files themselves (when checkpoint.json
+    is missing or unreadable): the newest file that reads whole, the epochs of
+    history.csv up to it, and the best score and wall time found there.
+
+    Raises:
+        RunDirError: no checkpoint file reads whole.
+    """
+    folder = os.path.join(model_dir, CHECKPOINTS)
+    config = read_config(model_dir) or {}
+    freeze = int(config.get("freeze_backbone_epochs") or 0)
+    history = _read_history(model_dir)
+    damaged, entries = [], []
+    for epoch, step, name in checkpoint_files(folder):
+        problem = h5_problem(os.path.join(folder, name))
+        if problem:
+            damaged.append(((epoch, step), f"{name} ({problem})"))
+            continue
+        rows = [row for row in history if row["epoch"] <= epoch]
+        scores = [(max(r.get("val_accuracy", -1.0), r.get("ema_val_accuracy", -1.0)), r)
+                  for r in rows if "val_accuracy" in r]
+        best = max(scores, key=lambda s: s[0], default=None)
+        entry = {"weights": name, "epoch": epoch, "step": step, "history": len(rows),
+                 "phase": 0 if epoch < freeze or (epoch == freeze and not step) else 1,
+                 "wall_time_s": sum(r.get("epoch_time_s", 0.0) for r in rows),
+                 "best_val_accuracy": best[0] if best else -1.0,
+                 **({"best_epoch": int(best[1]["epoch"])} if best else {})}
+        path = os.path.join(folder, name)
+        entries.append({**entry, "size": os.path.getsize(path), "sha256": sha256_of(path)})
+    if not entries:
+        raise RunDirError(f"{folder}/{CHECKPOINT_STATE} {why} and no checkpoint file reads "
+                          f"whole ({'; '.join(d for _, d in damaged)}); pass overwrite=True to "
+                          "start the run again")
+    state = {"history": history}
+    _go_back(state, entries)
+    newest = (entries[-1]["epoch"], entries[-1]["step"])
+    state["damaged"] = [d for at, d in reversed(damaged) if at > newest]
+    state["rebuilt"] = (f"{CHECKPOINTS}/{CHECKPOINT_STATE} {why}: rebuilt from the checkpoint "
+                        f"files, newest intact {entries[-1]['weights']}")
+    return state
+
+
+def _read_history(model_dir) -> list[dict[str, float]]:
+    """history.csv as rows of floats (``epoch`` an int); [] when absent or unreadable."""
+    try:
+        with open(os.path.join(model_dir, HISTORY), newline="") as f:
+            rows = [{k: float(v) for k, v in row.items() if v not in ("", None)}
+                    for row in csv.DictReader(f)]
+    except (OSError, ValueError):
+        return []
+    return [{**row, "epoch": int(row["epoch"])} for row in rows if "epoch" in row]
 
 
 def _go_back(state: dict[str, Any], entries: list[dict[str, Any]]) -> None:
@@ -425,6 +653,9 @@ def read_run(run_dir) -> Run:
         RunDirError: the folder or one of its files is missing or incomplete.
     """
     path = Path(os.path.expanduser(os.fspath(run_dir)))
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"model_dir {path} is a file, not a run folder; pass the folder "
+                          "training wrote")
     if not path.is_dir():
         raise RunDirError(f"run folder {path} does not exist; pass the model_dir that "
                           "training wrote")
@@ -447,20 +678,27 @@ def read_run(run_dir) -> Run:
     return Run(path=path, config=config_lib.recorded_config(config), labels=labels)
 
 
-def find_run(model_path) -> tuple[dict[str, Any] | None, tuple[str, ...] | None]:
-    """``(config, labels)`` of the run a model file belongs to (its folder or the parent).
+@dataclasses.dataclass(frozen=True)
+class FoundRun:
+    """The run a model file belongs to, as far as found (each part may be None)."""
 
-    Either is None when not found; a config.json that is not a training run's is ignored.
-    """
+    folder: Path | None
+    config: dict[str, Any] | None
+    labels: tuple[str, ...] | None
+
+
+def find_run(model_path) -> FoundRun:
+    """The run a model file belongs to: the config.json and labels.txt of its folder or
+    the folder above; a config.json that is not a training run's is ignored."""
     folder = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(model_path))))
-    config = labels = None
+    run_folder = config = labels = None
     for candidate in (folder, os.path.dirname(folder)):
         found = read_config(candidate)
         if config is None and found and "model" in found and "num_classes" in found:
-            config = found
+            config, run_folder = found, Path(candidate)
         if labels is None and os.path.isfile(os.path.join(candidate, LABELS)):
             labels = read_labels(os.path.join(candidate, LABELS))
-    return config, labels
+    return FoundRun(run_folder, config, labels)
 
 
 def load_model(run: Run):

@@ -20,13 +20,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
 
 from keras_resnet.pipeline import config as config_lib
-from keras_resnet.pipeline import data, evaluation, rundir, safe_writes
-from keras_resnet.pipeline.errors import UserError
+from keras_resnet.pipeline import data, evaluation, lineage, rundir, safe_writes
+from keras_resnet.pipeline.errors import UserError, choose
 
 DTYPES = ("auto", "float16", "float32")
 # Storage may move validation top-1 by at most this much (0.05 point): float16 halves the
@@ -55,9 +56,18 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
     import keras_resnet
     from keras_resnet import weights as weights_lib
 
-    if dtype not in DTYPES:
-        raise UserError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
+    choose("dtype", dtype, DTYPES)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name or ""):
+        raise UserError(f"name={name!r} must be lower-case letters, digits and underscores, "
+                        "e.g. cifar10 (users pass it as weights=)")
     run = rundir.read_run(run_dir)
+    int8_files = [f for f in INT8_FILES.values() if (run.path / f).is_file()]
+    lineage.check_current(run.path, [rundir.MODEL, rundir.LABELS, *int8_files])
+    lineage.check_data(run.path, run.config, dataset=None, data_dir=None,
+                       what="scoring the weights on its validation images")
+    for suffix in (".h5", ".json"):
+        rundir.check_output(Path(out_dir) / f"{run.variant}_{name}{suffix}",
+                            inputs=[run.config.get("data_dir")], what="out_dir")
     model = rundir.load_model(run)
     size = run.image_size
 
@@ -113,6 +123,8 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
             "recipe_changes": config_lib.recipe_changes(config),
             "wall_time_s": metrics.get("wall_time_s")},
         "command": command,
+        "made_from": {f: lineage.digest_of(run.path / f) for f in (rundir.MODEL, rundir.LABELS)},
+        "data": config.get("data"),
         "validation": {"images": len(labels), "top1_float32": top1[0],
                        "top1_stored": top1[1], "predictions_changed_by_storage": changed},
         "accuracy": {"float": _stored_accuracy(stored, val, path), **accuracy(run)},
@@ -138,7 +150,7 @@ def export_rows(export: dict | None) -> list[dict]:
 
 
 # The int8 files the normal tools write, which the card measures beside the shipped weights.
-INT8_FILES = {"qat_int8": rundir.INT8_MODEL, "ptq_int8": "model_ptq_int8.tflite"}
+INT8_FILES = {mode: rundir.EXPORTED[mode] for mode in ("qat_int8", "ptq_int8")}
 
 
 def _stored_accuracy(stored, val, path) -> dict:

@@ -18,8 +18,10 @@ A source yields unbatched :class:`Split` elements ``(x, label)``; the pipelines 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -152,6 +154,10 @@ def folder_files(data_dir, val_fraction: float, seed: int):
         skipped += vskipped
     else:
         (paths, labels), (vpaths, vlabels) = carve(paths, labels, val_fraction, seed)
+        if val_fraction > 0 and not vpaths:
+            log.warning("val_fraction=%g carves no validation image from %s (too few images "
+                        "per class), so nothing will be validated; add images or raise "
+                        "val_fraction", val_fraction, train_root)
     _warn_skipped(skipped)
     return (paths, labels), ((vpaths, vlabels) if vpaths else None), class_names, skipped
 
@@ -190,8 +196,19 @@ def _folder_eval_split(data_dir, split, val_fraction, seed, class_names=None):
 
 
 def folder_classes(root: str) -> list[str]:
-    """The class sub-folder names of ``root``, sorted (the label order of a folder)."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    """The class sub-folder names of ``root``, sorted (the label order of a folder).
+
+    Raises:
+        DataError: a name that labels.txt and the TFLite metadata cannot hold as it is
+            (leading or trailing spaces, a line break or another control character).
+    """
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    for name in names:
+        if name != name.strip() or not name.isprintable():
+            raise DataError(f"class folder {os.path.join(root, name)!r} has a name with "
+                            "leading or trailing spaces or a control character, which "
+                            "labels.txt and the TFLite metadata cannot hold; rename it")
+    return names
 
 
 def _holds_images(folder: str) -> bool:
@@ -288,11 +305,7 @@ def list_image_folder(root: str, *, class_names: Sequence[str] | None = None,
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
             continue  # a validation/test folder may lack a class
-        files = []
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [os.path.join(dirpath, f) for f in sorted(filenames)
-                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        files = class_files(folder)
         if not files:
             raise DataError(
                 f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
@@ -312,6 +325,17 @@ def list_image_folder(root: str, *, class_names: Sequence[str] | None = None,
                 raise DataError(f"class folder {os.path.join(root, name)} has no readable "
                                 "image (all are empty, truncated or not images)")
     return paths, labels, class_names, skipped
+
+
+def class_files(folder: str) -> list[str]:
+    """The image files of one class folder (sub-folders included; hidden ones left out),
+    sorted: the files a folder dataset reads."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return files
 
 
 def _image_file_ok(path: str) -> bool:
@@ -409,3 +433,107 @@ def _digits_splits(val_fraction, seed):
     train = _digits_split(images[tr], np.asarray(tr_y, "int32"))
     val = _digits_split(images[va], np.asarray(va_y, "int32")) if va else None
     return train, val, names, []
+
+
+# ---- fingerprints: what data a run saw
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """What a dataset's training data is, to tell later whether it is still the same.
+
+    Attributes:
+        summary: ``{"kind", "digest", ...}``: for a folder the image count and the count per
+            class; for TFDS the name, version and split sizes (stored in config.json).
+        files: for a folder, one ``"<path relative to data_dir>\\t<bytes>"`` line per image
+            file of the training (and validation) folders, sorted; the digest is theirs.
+    """
+
+    summary: dict
+    files: tuple[str, ...] = ()
+
+    @property
+    def digest(self) -> str:
+        return self.summary["digest"]
+
+
+def fingerprint(dataset: str, data_dir: str | None) -> Fingerprint:
+    """The fingerprint of the data a run of ``dataset`` trains and validates on: for a
+    folder every image file of its training (and validation) folders with its size, for
+    TFDS the dataset's name, version and split sizes.
+
+    Raises:
+        DataError: as listing the dataset for training does.
+    """
+    if dataset == "folder":
+        return _folder_fingerprint(_folder_root(data_dir))
+    if dataset == "digits":
+        images, labels, _ = _digits_arrays(test=False)
+        digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+        return Fingerprint({"kind": "digits", "images": len(labels), "digest": digest})
+    if dataset == "synthetic":
+        return Fingerprint({"kind": "synthetic", "digest": "synthetic"})
+    from keras_resnet.pipeline import tfds_sources
+
+    return Fingerprint(tfds_sources.fingerprint(dataset, data_dir))
+
+
+def _folder_fingerprint(root: str) -> Fingerprint:
+    dirs = _split_dirs(root) or {}
+    roots = [dirs.get("train", root)] + ([dirs["val"]] if "val" in dirs else [])
+    lines, classes = [], {}
+    for top in roots:
+        if not os.path.isdir(top):
+            continue
+        for name in sorted(e.name for e in os.scandir(top)
+                           if e.is_dir() and not e.name.startswith(".")):
+            files = class_files(os.path.join(top, name))
+            classes[name] = classes.get(name, 0) + len(files)
+            for path in files:
+                size = os.path.getsize(path)
+                lines.append(f"{os.path.relpath(path, root)}\t{size}")
+    lines.sort()
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+    return Fingerprint({"kind": "folder", "images": len(lines), "classes": classes,
+                        "digest": digest}, tuple(lines))
+
+
+def describe_change(recorded: dict, recorded_files: Sequence[str] | None,
+                    current: Fingerprint) -> str:
+    """What changed from a recorded fingerprint to ``current``, in a few words: images
+    added, removed and changed per class for a folder, else the recorded and current
+    values."""
+    if recorded.get("kind") != current.summary.get("kind"):
+        return f"it was {recorded.get('kind')} data, it is {current.summary.get('kind')} now"
+    if current.summary["kind"] != "folder":
+        keys = sorted(k for k in set(recorded) | set(current.summary)
+                      if k != "digest" and recorded.get(k) != current.summary.get(k))
+        return "; ".join(f"{k} {recorded.get(k)} -> {current.summary.get(k)}"
+                         for k in keys) or "its contents differ"
+    if recorded_files is None:
+        old, new = recorded.get("classes", {}), current.summary["classes"]
+        counts = [f"{c} {old.get(c, 0)} -> {new.get(c, 0)}" for c in sorted(set(old) | set(new))
+                  if old.get(c, 0) != new.get(c, 0)]
+        return ("images per class " + ", ".join(counts[:8])
+                + (f" and {len(counts) - 8} more" if len(counts) > 8 else "")
+                if counts else "the same number of images per class, other files")
+    before = dict(line.rsplit("\t", 1) for line in recorded_files)
+    after = dict(line.rsplit("\t", 1) for line in current.files)
+    parts = []
+    for what, paths in (("added", after.keys() - before.keys()),
+                        ("removed", before.keys() - after.keys()),
+                        ("changed", {p for p in before.keys() & after.keys()
+                                     if before[p] != after[p]})):
+        if paths:
+            per_class = collections.Counter(_class_of(p) for p in paths)
+            shown = ", ".join(f"{c} {n}" for c, n in sorted(per_class.items())[:8])
+            more = f" and {len(per_class) - 8} more classes" if len(per_class) > 8 else ""
+            parts.append(f"{len(paths)} image(s) {what} ({shown}{more})")
+    return "; ".join(parts) or "its contents differ"
+
+
+def _class_of(relative: str) -> str:
+    """The class of a fingerprint line's path: the folder under train/ or val/, else the
+    first folder."""
+    parts = relative.split(os.sep)
+    return parts[1] if len(parts) > 2 and parts[0] in ("train", "val", "validation") else parts[0]

@@ -10,6 +10,8 @@ this module only for TFDS datasets.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import re
@@ -133,6 +135,11 @@ def training_splits(name, data_dir, val_fraction, seed):
     train_name = "train"
     if val_name is None:
         train_name, val_name = _carve(builder, val_fraction)
+        if val_fraction > 0 and val_name is None:
+            logging.getLogger(__name__).warning(
+                "val_fraction=%g carves no validation image from the %d training images of "
+                "%s, so nothing will be validated; raise val_fraction", val_fraction,
+                builder.info.splits["train"].num_examples, name)
     train = _split(builder, train_name, shuffle=True, seed=seed)
     val = _split(builder, val_name, shuffle=False) if val_name else None
     return train, val, class_names, []
@@ -154,3 +161,12 @@ def named_split(name, data_dir, split, val_fraction):
         raise DataError(f"split={split!r} is not available for {name}; it has "
                         f"{', '.join(builder.info.splits)}") from e
     return chosen, class_names, []
+
+
+def fingerprint(name, data_dir) -> dict:
+    """What a TFDS dataset is: its name, version and split sizes, with their digest."""
+    builder = _builder(name, data_dir)
+    summary = {"kind": "tfds", "name": builder.name, "version": str(builder.version),
+               "splits": {s: int(v.num_examples) for s, v in sorted(builder.info.splits.items())}}
+    summary["digest"] = hashlib.sha256(json.dumps(summary, sort_keys=True).encode()).hexdigest()
+    return summary

@@ -20,16 +20,11 @@ import warnings
 
 import numpy as np
 
+from keras_resnet.pipeline import rundir
 from keras_resnet.pipeline.errors import ExportError, choose, first_line
 
 # mode -> output file in the run folder. "qat_int8" is the Android hand-off model.
-FILES = {
-    "float32": "model_float32.tflite",
-    "float16": "model_float16.tflite",
-    "dynamic": "model_dynamic.tflite",
-    "ptq_int8": "model_ptq_int8.tflite",
-    "qat_int8": "model_int8.tflite",
-}
+FILES = rundir.EXPORTED
 MODES = tuple(FILES)
 INT8_MODES = ("ptq_int8", "qat_int8")
 IO_TYPES = ("float32", "int8", "uint8")

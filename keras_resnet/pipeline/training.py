@@ -38,6 +38,7 @@ import numpy as np
 from keras_resnet.pipeline import (
     callbacks,
     distribute,
+    lineage,
     machine,
     network,
     optimization,
@@ -45,6 +46,7 @@ from keras_resnet.pipeline import (
     preemption,
     rundir,
     safe_writes,
+    sources,
     transforms,
 )
 from keras_resnet.pipeline.config import (
@@ -133,6 +135,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # Only the chief writes the run folder; other workers read its checkpoints.
     chief = distribute.is_chief(strategy)
     run_dir = os.path.abspath(os.path.expanduser(resolved.model_dir))
+    rundir.check_folder(run_dir)
+    rundir.check_apart(run_dir, resolved.data_dir)
     with preemption.StopRequest() as stop:
         try:
             if not chief:
@@ -166,8 +170,9 @@ def check_resume(run_dir: str, resolved: ResolvedConfig) -> None:
     Raises:
         ResumeMismatch: naming each option with its recorded and its new value.
     """
-    if resolved.overwrite or not os.path.isfile(
-            os.path.join(run_dir, rundir.CHECKPOINTS, rundir.CHECKPOINT_STATE)):
+    checkpoints = os.path.join(run_dir, rundir.CHECKPOINTS)
+    if resolved.overwrite or not (os.path.isfile(os.path.join(
+            checkpoints, rundir.CHECKPOINT_STATE)) or rundir.checkpoint_files(checkpoints)):
         return
     old = rundir.read_config(run_dir)
     conflicts = resume_conflicts(old or {}, resolved)
@@ -176,6 +181,23 @@ def check_resume(run_dir: str, resolved: ResolvedConfig) -> None:
             f"model_dir {run_dir} holds a run started with other options "
             f"({'; '.join(conflicts)}); pass the options it was started with to resume it "
             "(only epochs may change), overwrite=True to start again, or another model_dir")
+
+
+def check_data_unchanged(run_dir: str, previous: dict, resolved: ResolvedConfig) -> None:
+    """Refuses to resume a run on data other than the data it started on: the validation
+    images carved from it would move, and images it trained on would become validation
+    images.
+
+    Raises:
+        ResumeMismatch: naming what changed (images added, removed, changed per class).
+    """
+    change = lineage.data_change(run_dir, previous.get("data"), resolved.dataset,
+                                 resolved.data_dir)
+    if change:
+        raise ResumeMismatch(
+            f"the {resolved.dataset} data changed since the run in {run_dir} started "
+            f"({change}); restore it to resume, or pass overwrite=True to start again on it, "
+            "or choose another model_dir")
 
 
 def _train(resolved, strategy, run_dir, *, chief, start, stop):
@@ -187,7 +209,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         rundir.check_model_dir(run_dir, partial, overwrite=resolved.overwrite)
         check_resume(run_dir, resolved)
 
-    keras.utils.set_random_seed(resolved.seed)
+    machine.set_random_seed(resolved.seed)
     bundle = load_bundle(resolved)
     num_classes = bundle.num_classes
     record = resolved.to_dict()
@@ -197,6 +219,9 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
                                overwrite=False)
     state = rundir.read_checkpoint_state(run_dir)
     previous = rundir.read_config(run_dir) if state is not None else None
+    data = sources.fingerprint(resolved.dataset, resolved.data_dir)
+    if previous is not None:
+        check_data_unchanged(run_dir, previous, resolved)
 
     gpus = machine.accelerator()
     gpu = gpus is not None
@@ -222,7 +247,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "cached_in_memory": bundle.cached,
         "augmentation": transforms.augmentation_style(resolved.image_size),
         "input": "raw RGB pixels 0..255 (float32); normalisation is inside the model",
-        "output": "logits", "versions": machine.versions(),
+        "output": "logits", "versions": machine.versions(), "data": data.summary,
     })
     record["machines"] = machine.machines(record, previous, state)
     schedule = optimization.run_schedule(resolved, steps)
@@ -245,14 +270,19 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     twin = network.build_twin(resolved, num_classes) if chief else None
     if chief:
         # Written once the model is known to build, so bad options leave no run behind.
+        lineage.adopt(run_dir)
         safe_writes.write_json(os.path.join(run_dir, rundir.CONFIG), record, sort_keys=True)
         safe_writes.write_atomic(os.path.join(run_dir, rundir.LABELS),
                                  "\n".join(bundle.class_names) + "\n")
+        if data.files:
+            rundir.write_data_files(run_dir, data.files)
 
     state = state or {"epoch": 0, "step": 0, "history": [], "best_val_accuracy": -1.0}
     state["wall_time_before_s"] = state.get("wall_time_s", 0.0)
     done, step = state["epoch"], state.get("step", 0)
     resumed = bool(state.get("weights"))
+    if state.get("rebuilt"):
+        print(state.pop("rebuilt"), flush=True)
     for damaged in state.pop("damaged", []):
         print(f"checkpoint {damaged} is damaged: passed over", flush=True)
     if resumed:
@@ -332,6 +362,12 @@ def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, pha
             kept = (f"the last good checkpoint ({state['weights']}) is kept in "
                     f"{run_dir}/{rundir.CHECKPOINTS}; start again with a lower learning_rate "
                     "(overwrite=True or another model_dir) or check the data")
+        elif discarded and os.path.isfile(os.path.join(run_dir, rundir.MODEL)):
+            # A run that had finished before it was extended: its model is not trained over
+            # unless asked.
+            kept = (f"the only checkpoint kept held the weights that gave it and was deleted; "
+                    f"the finished {rundir.MODEL} stays, so start again with overwrite=True and "
+                    "a lower learning_rate, or check the data")
         elif discarded:
             kept = ("the only checkpoint kept held the weights that gave it and was deleted, "
                     "so the run starts again when run next; lower learning_rate or check "
@@ -393,6 +429,18 @@ def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, ch
     return monitor
 
 
+def report_stale(run_dir: str) -> list[str]:
+    """Prints, in one line, the files of the run folder made from an earlier model.keras
+    (QAT and exported files of the run before it was resumed) and the commands that
+    rebuild them; returns their names."""
+    stale = lineage.stale_files(run_dir)
+    if stale:
+        commands = lineage.rebuild_commands(run_dir, stale)
+        print(f"stale: {', '.join(stale)} were made from an earlier {rundir.MODEL}; rebuild "
+              f"them with `{'` and `'.join(commands)}`", flush=True)
+    return stale
+
+
 def _restore(model, optimizer, run_dir, state):
     path = rundir.checkpoint_path(run_dir, state)
     optimizer.build(model.trainable_variables)  # optimizer slots must exist to be loaded
@@ -443,6 +491,10 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief, aver
     network.save_model(model, twin, os.path.join(run_dir, rundir.MODEL))
     safe_writes.write_json(os.path.join(run_dir, rundir.METRICS), metrics)
     rundir.write_history(run_dir, history)
+    digest = (rundir.read_config(run_dir) or {}).get("data", {}).get("digest")
+    lineage.record(run_dir, [rundir.LABELS, rundir.MODEL, rundir.BEST], by="train",
+                   data=digest)
+    report_stale(run_dir)
     if history:
         callbacks.plot_curves(history, os.path.join(run_dir, rundir.CURVES),
                               f"{resolved.model} on {resolved.dataset}")
