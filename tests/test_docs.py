@@ -131,7 +131,7 @@ def _named_flags(path: Path):
     text = path.read_text().replace("\\\n", " ")
     for number, line in enumerate(text.splitlines(), 1):
         for match in TOOL.finditer(line):
-            segment = re.split(r"`|\||&&|;", line[match.end():])[0]
+            segment = re.split(r"`|\||&&|;|tools/\w+\.py", line[match.end():])[0]
             for flag in re.findall(r"(?<![\w-])--([A-Za-z_]\w*)", segment):
                 yield match.group(1), flag, number
 
