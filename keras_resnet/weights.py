@@ -182,7 +182,7 @@ def shipped_weights() -> list[dict]:
     ``.tflite`` files, each plain and with flip test-time augmentation (``"float"``,
     ``"float_flip"``, ``"qat_int8"``, ...; None where not measured).
 
-    Example:
+    Examples:
         >>> [(w["variant"], w["top1"]["float"]) for w in keras_resnet.shipped_weights()]
     """
     records = []

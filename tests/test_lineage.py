@@ -384,7 +384,7 @@ def test_offline_imagenet_weights_are_one_sentence(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("name, words", [("quickstart", "Quick start: train, quantize"),
-                                         ("model_table", "Prints the README tables")])
+                                         ("model_table", "Prints the documentation tables")])
 def test_help_describes_the_tool(name, words):
     result = subprocess.run([sys.executable, f"tools/{name}.py", "--help"], cwd=REPO,
                             env=TEST_ENV, capture_output=True, text=True, timeout=300)

@@ -158,7 +158,14 @@ def test_recipe_changes_name_what_a_run_changed_from_its_recipe():
     (dict(depth=20, freeze_backbone_epochs=2), "freeze_backbone_epochs needs initial_weights"),
     (dict(depth=20, initial_weights="imagenet"),
      "initial_weights='imagenet' is not available for resnet20"),
-    (dict(depth=20, initial_weights="weights.bin"), "must be 'imagenet', a .keras file"),
+    (dict(depth=20, initial_weights="weights.bin"),
+     "must be one of 'imagenet', 'cifar10', a .keras file or a .weights.h5 file"),
+    (dict(depth=110, initial_weights="cifar10"),
+     r"initial_weights='cifar10' is not available for resnet110 \(it exists for resnet20, "
+     r"resnet32, resnet44, resnet56\); for resnet110 choose a .keras file, a .weights.h5 "
+     r"file$"),
+    (dict(depth=50, initial_weights="cifar10"),
+     "not available for resnet50 .*; for resnet50 choose 'imagenet', a .keras file"),
     (dict(depth=20, initial_weights="/no/such.keras"), "does not exist"),
     (dict(depth=50, image_size=16), "image_size=16 is too small for resnet50"),
     (dict(depth=20, recipe="paper"), "recipe='paper' is not valid; choose one of he2015, fast"),
@@ -670,6 +677,38 @@ def test_initial_weights_new_head_flat_graph(digits_run, tmp_path):
     with pytest.raises(pipeline.UserError, match="has layer.* that resnet8 lacks, so it is not"):
         network.build_model(pipeline.resolve(pipeline.TrainConfig(
             depth=8, initial_weights=str(tmp_path / "other.keras"))), num_classes=3)
+
+
+def test_initial_weights_shipped_cifar10_new_head(tmp_path, capsys):
+    """initial_weights="cifar10" loads the weights shipped in the package (no download)
+    into every layer but the new head, as "imagenet" does."""
+    shipped = keras_resnet.ResNet20(weights="cifar10")
+    resolved = pipeline.resolve(pipeline.TrainConfig(depth=20, initial_weights="cifar10"))
+    assert resolved.model_options == {}
+    model = network.build_model(resolved, num_classes=3)
+    assert model.output_shape == (None, 3)
+    assert not any(isinstance(layer, keras.Model) for layer in model.layers)  # flat
+    for layer in model.layers:
+        if layer.weights and layer.name != "predictions":
+            for a, b in zip(layer.get_weights(), shipped.get_layer(layer.name).get_weights(),
+                            strict=True):
+                np.testing.assert_array_equal(a, b)
+    fresh = network.build_model(resolved, num_classes=3, initial_weights=False)
+    assert not np.array_equal(model.get_layer("conv1_conv").get_weights()[0],
+                              fresh.get_layer("conv1_conv").get_weights()[0])
+    data_dir = _three_classes(tmp_path / "images")
+    status, out, _ = tool(capsys, "train", "--depth=20", "--initial_weights=cifar10",
+                          "--dataset=folder", f"--data_dir={data_dir}", "--epochs=2",
+                          "--batch_size=8", "--freeze_backbone_epochs=1",
+                          "--val_fraction=0.25", f"--model_dir={tmp_path / 'run'}",
+                          "--verbose=false")
+    assert status == 0, out
+    assert history(tmp_path / "run") == [1, 2]
+    changed = pipeline.resolve(pipeline.TrainConfig(
+        depth=32, model_options={"se_ratio": 0.25}, initial_weights="cifar10"))
+    with pytest.raises(pipeline.UserError,
+                       match="shipped cifar10 weights of resnet32 lacks layer.*so it is not"):
+        network.build_model(changed, num_classes=3)
 
 
 def test_fine_tune_with_frozen_backbone_then_resume(digits_run, tmp_path):

@@ -187,8 +187,9 @@ class TrainConfig:
     steps_per_epoch: int | None = _option(
         help="steps per epoch (default: one pass over the training data).")
     initial_weights: str | None = _option(
-        help="imagenet, or a .keras / .weights.h5 file; the classification head is always "
-             "new.")
+        help="imagenet, cifar10 (the weights shipped in this package, for the variants "
+             "that have them), or a .keras / .weights.h5 file; the classification head is "
+             "always new.")
     freeze_bn: bool = _option(False, help="keep every BatchNormalization layer frozen.")
     freeze_backbone_epochs: int = _option(
         0, help="train only the new head for this many epochs first (needs "
@@ -319,10 +320,13 @@ def resolve(config: TrainConfig) -> ResolvedConfig:
             raise UserError(str(e)) from None
         # keras.applications' weights need its layout (conv biases, BN epsilon, ...).
         options["keras_applications"] = True
+    elif c.initial_weights in weights_lib.pretrained_names():
+        _check_shipped(c.initial_weights, variant)
     elif c.initial_weights is not None:
         path = os.path.expanduser(c.initial_weights)
         if not path.endswith((".keras", ".weights.h5")):
-            raise UserError(f"initial_weights={c.initial_weights} must be 'imagenet', a "
+            names = ", ".join(f"'{n}'" for n in ("imagenet", *weights_lib.pretrained_names()))
+            raise UserError(f"initial_weights={c.initial_weights} must be one of {names}, a "
                             ".keras file or a .weights.h5 file")
         if not os.path.isfile(path):
             raise UserError(f"initial_weights file {path} does not exist")
@@ -451,6 +455,19 @@ def _check(c: TrainConfig, *, epochs, batch_size, warmup):
     if c.freeze_backbone_epochs and not c.initial_weights:
         raise UserError("freeze_backbone_epochs needs initial_weights (a pretrained backbone "
                         "to keep frozen)")
+
+
+def _check_shipped(name: str, variant: str) -> None:
+    """Refuses shipped weights ``name`` that this package has for other variants only."""
+    if weights_lib.pretrained(variant, name) is not None:
+        return
+    have = [v for v, entries in weights_lib.PRETRAINED.items() if name in entries]
+    choices = [f"'{n}'" for n in weights_lib.PRETRAINED.get(variant, {})]
+    if variant in weights_lib.IMAGENET_WEIGHTS:
+        choices.insert(0, "'imagenet'")
+    raise UserError(f"initial_weights='{name}' is not available for {variant} (it exists for "
+                    f"{', '.join(have)}); for {variant} choose "
+                    f"{', '.join(choices + ['a .keras file', 'a .weights.h5 file'])}")
 
 
 def _variant(c: TrainConfig):

@@ -98,7 +98,8 @@ def save_model(model: keras.Model, twin: keras.Model, path: str) -> None:
 
 
 def load_initial_weights(model: keras.Model, resolved: ResolvedConfig) -> None:
-    """Sets every layer but the head from "imagenet" or a .keras / .weights.h5 file.
+    """Sets every layer but the head from "imagenet", shipped weights such as "cifar10"
+    (``keras_resnet.PRETRAINED``, read from the package) or a .keras / .weights.h5 file.
 
     The model stays one flat functional graph: weights are copied layer by layer by name
     from a source model, never by nesting that model.
@@ -118,6 +119,13 @@ def load_initial_weights(model: keras.Model, resolved: ResolvedConfig) -> None:
                             f"({first_line(e)}); check the network or the keras cache "
                             "(~/.keras/models)") from e
         what = f"the ImageNet weights of {resolved.model}"
+    elif weights_lib.pretrained(resolved.model, spec) is not None:
+        try:
+            source = keras_resnet.resnet(variant=resolved.model, weights=spec,
+                                         include_top=False, input_shape=(size, size, 3))
+        except ValueError as e:  # a damaged or unreadable file in the installed package
+            raise UserError(first_line(e)) from e
+        what = f"the shipped {spec} weights of {resolved.model}"
     elif spec.endswith(".keras"):
         what = os.path.expanduser(spec)
         try:
