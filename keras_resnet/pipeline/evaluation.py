@@ -28,7 +28,7 @@ import numpy as np
 from keras_resnet.pipeline import data, files, rundir, safe_writes
 from keras_resnet.pipeline.errors import UserError, choose, first_line
 
-FORMATS = (".keras", ".tflite")
+FORMATS = (".keras", ".tflite", ".onnx")
 RUNTIMES = ("litert", "mediapipe")
 TTA = ("none", "flip")
 
@@ -58,11 +58,11 @@ class KerasPredictor:
 
 
 def load_predictor(path, *, num_threads: int | None = None, runtime: str = "litert"):
-    """Loads a .keras or .tflite classifier as a callable: float raw pixels -> scores.
+    """Loads a .keras, .tflite or .onnx classifier as a callable: float raw pixels -> scores.
 
     Args:
         path: the model file.
-        num_threads: interpreter threads (.tflite only).
+        num_threads: interpreter threads (.tflite and .onnx).
         runtime: "litert" or "mediapipe" (.tflite only).
 
     Raises:
@@ -73,9 +73,15 @@ def load_predictor(path, *, num_threads: int | None = None, runtime: str = "lite
     choose("runtime", runtime, RUNTIMES)
     path = os.path.expanduser(os.fspath(path))
     if not path.endswith(FORMATS):
-        raise UserError(f"model {path} must be a .keras or .tflite file")
+        raise UserError(f"model {path} must be a .keras, .tflite or .onnx file")
     if not os.path.isfile(path):
         raise UserError(f"model file {path} does not exist")
+    if path.endswith(".onnx"):
+        if runtime != "litert":
+            raise UserError(f"runtime={runtime} runs .tflite files; {path} is an ONNX model")
+        from keras_resnet.pipeline.onnx_export import OnnxModel
+
+        return OnnxModel(path=path, num_threads=num_threads)
     files.check_file_format(path)
     if path.endswith(".keras"):
         if runtime != "litert":
@@ -237,6 +243,65 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
     """
     choose("tta", tta, TTA)
     predictor = load_predictor(model_path, num_threads=num_threads, runtime=runtime)
+    setup = data_for(model_path, predictor, split=split, dataset=dataset, data_dir=data_dir,
+                     image_size=image_size, batch_size=batch_size,
+                     val_fraction=val_fraction, seed=seed)
+    try:
+        results = score(predictor, setup.data, labels=setup.labels if setup.same_data else None,
+                        tta=tta)
+    finally:
+        if hasattr(predictor, "close"):
+            predictor.close()
+    dataset, data_dir, image_size = setup.dataset, setup.data_dir, setup.image_size
+    evaluated = setup.data
+    model_path = os.path.abspath(os.path.expanduser(os.fspath(model_path)))
+    if confusion_png is None:
+        tag = "".join(c if c.isalnum() else "_" for c in split)
+        base = os.fspath(output_json) if output_json else model_path
+        confusion_png = os.path.splitext(base)[0] + f"_confusion_{tag}.png"
+    plot_confusion(results["confusion_matrix"], results["class_names"], confusion_png,
+                   title=f"{os.path.basename(model_path)} on {dataset} {split}: top-1 "
+                         f"{results['top1']:.4f}")
+    results = {"model": model_path, "format": predictor.format,
+               "runtime": _runtime_name(predictor.format, runtime), "tta": tta,
+               "dataset": dataset,
+               "data_dir": data_dir, "split": split, "image_size": int(image_size),
+               "skipped_images": len(evaluated.skipped), **results,
+               "confusion_png": os.path.abspath(confusion_png)}
+    if output_json:
+        folder = os.path.dirname(os.path.abspath(os.fspath(output_json)))
+        os.makedirs(folder, exist_ok=True)
+        safe_writes.write_json(output_json, results)
+    return results
+
+
+def _runtime_name(model_format: str, runtime: str) -> str:
+    return {"tflite": runtime, "onnx": "onnxruntime"}.get(model_format, "keras")
+
+
+@dataclasses.dataclass
+class DataSetup:
+    """The images a model is evaluated on, with the options they were resolved from."""
+
+    data: data.EvalData
+    labels: tuple[str, ...] | None  # the model's class names (its run's labels.txt)
+    same_data: bool  # the data is the model's training dataset
+    dataset: str
+    data_dir: str | None
+    image_size: int
+
+
+def data_for(model_path, predictor, *, split: str = "test", dataset: str | None = None,
+             data_dir: str | None = None, image_size: int | None = None,
+             batch_size: int = 64, val_fraction: float | None = None,
+             seed: int | None = None) -> DataSetup:
+    """The split a model is evaluated on: options left unset come from the training run's
+    config.json next to the model (dataset, data_dir, image size, val_fraction, seed), and
+    its labels.txt fixes the class order.
+
+    Raises:
+        UserError: no dataset or image size can be found, or the data cannot be read.
+    """
     run, run_labels = rundir.find_run(model_path)
     run = run or {}
     dataset = dataset or run.get("dataset")
@@ -255,29 +320,8 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
         seed=seed if seed is not None else run.get("seed", 0),
         num_classes=predictor.num_outputs,
         class_names=tuple(labels) if labels and dataset == "folder" else None)
-    try:
-        results = score(predictor, evaluated, labels=labels if same_data else None, tta=tta)
-    finally:
-        if hasattr(predictor, "close"):
-            predictor.close()
-    model_path = os.path.abspath(os.path.expanduser(os.fspath(model_path)))
-    if confusion_png is None:
-        tag = "".join(c if c.isalnum() else "_" for c in split)
-        base = os.fspath(output_json) if output_json else model_path
-        confusion_png = os.path.splitext(base)[0] + f"_confusion_{tag}.png"
-    plot_confusion(results["confusion_matrix"], results["class_names"], confusion_png,
-                   title=f"{os.path.basename(model_path)} on {dataset} {split}: top-1 "
-                         f"{results['top1']:.4f}")
-    results = {"model": model_path, "format": predictor.format, "runtime": runtime
-               if predictor.format == "tflite" else "keras", "tta": tta, "dataset": dataset,
-               "data_dir": data_dir, "split": split, "image_size": int(image_size),
-               "skipped_images": len(evaluated.skipped), **results,
-               "confusion_png": os.path.abspath(confusion_png)}
-    if output_json:
-        folder = os.path.dirname(os.path.abspath(os.fspath(output_json)))
-        os.makedirs(folder, exist_ok=True)
-        safe_writes.write_json(output_json, results)
-    return results
+    return DataSetup(evaluated, tuple(labels) if labels else None, same_data, dataset,
+                     data_dir, int(image_size))
 
 
 def plot_confusion(confusion, class_names, path, *, title: str = "") -> None:
