@@ -149,7 +149,7 @@ def measure(runner, *, name: str, size: int, dataset, reference: Predictions,
 def format_table(rows: Sequence[Row], *, keras_top1: float, keras_size: int | None = None,
                  samples: int, parity_samples: int) -> str:
     """The verification table as Markdown."""
-    head = [f"LiteRT (ONNX Runtime for .onnx) on {samples} validation images; score "
+    head = [f"LiteRT on {samples} validation images (model.onnx: ONNX Runtime); score "
             f"(softmax) differences vs Keras float on the first "
             f"{min(parity_samples, samples)}; latency: median, batch 1; GPU delegate: "
             "whether LiteRT's GPU delegate takes every op.",

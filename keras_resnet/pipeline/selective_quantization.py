@@ -200,7 +200,9 @@ class Debugger:
                 content = self._debugger.get_nondebug_quantized_model()
         finally:
             self._debugger.options = self._options()
-        float_layers = sorted({layer_name(t, self.layers) or t for t in keep})
+        op_of = {names[o]: op.name for op in ops for o in op.outputs}
+        # A tensor no layer names (the final softmax's) is named by its op.
+        float_layers = sorted({layer_name(t, self.layers) or op_of.get(t, t) for t in keep})
         return content, float_layers
 
 
