@@ -74,10 +74,13 @@ def main(argv: list[str]) -> int:
 
     if FLAGS.compare:
         return _compare(pipeline)
+    from keras_resnet.pipeline.errors import UserError
 
-    status, results = _cli.call(FLAGS, pipeline.evaluate, "model")
-    if status is not None:
-        return status
+    options = {name: FLAGS[name].value for name in FLAGS if name not in ("model", "compare")}
+    try:
+        results = pipeline.evaluate(FLAGS.model, **options)
+    except UserError as e:
+        return _cli.user_error(e, FLAGS)
     top5 = f", top-5 {results['top5']:.4f}" if results["top5"] is not None else ""
     runtime = f" on {results['runtime']}" if results["format"] == "tflite" else ""
     tta = " with flip TTA" if results["tta"] == "flip" else ""
