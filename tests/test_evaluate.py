@@ -94,6 +94,48 @@ def test_tflite_file_uses_the_same_preprocessing(run, exported, capsys, tmp_path
                   - np.asarray(keras_result["confusion_matrix"])).sum() <= 4
 
 
+def test_compare_scores_two_models_on_the_same_images(run, exported, capsys, tmp_path):
+    from keras_resnet import pipeline
+
+    out_json = tmp_path / "compare.json"
+    status, out, err = _evaluate(capsys, f"--model={run / 'model.keras'}",
+                                 f"--compare={exported['uint8']}", "--split=val",
+                                 f"--output_json={out_json}")
+    assert status == 0, err
+    result = json.loads(out_json.read_text())
+    alone = [pipeline.evaluate(path, split="val", dataset="folder",
+                               data_dir=json.loads((run / "config.json").read_text())[
+                                   "data_dir"], confusion_png=tmp_path / "c.png")["top1"]
+             for path in (run / "model.keras", exported["uint8"])]
+    assert result["images"] == 500
+    assert (result["top1"], result["other_top1"]) == pytest.approx(alone, abs=1e-9)
+    assert f"model.keras: top-1 {alone[0]:.4f}" in out
+    assert f"model_ptq_int8.tflite: top-1 {alone[1]:.4f}" in out
+    # Images right in one model only account for the difference of the two top-1 figures.
+    assert (result["only_model_right"] - result["only_other_right"]) == round(
+        (alone[0] - alone[1]) * 500)
+    assert 0.8 <= result["agreement"] <= 1.0
+    names = (run / "labels.txt").read_text().split()
+    assert list(result["per_class"]) == names
+    for name in names:
+        c = result["per_class"][name]
+        assert c["count"] == 50 and c["change"] == pytest.approx(c["other_top1"] - c["top1"])
+        assert re.search(rf"^\| {name} \| 50 \| {c['top1']:.4f} \| {c['other_top1']:.4f} \|",
+                         out, re.M)
+    changes = [result["per_class"][n]["change"] for n in result["losing"]]
+    assert changes == sorted(changes) and all(c < 0 for c in changes)
+    if result["losing"]:
+        assert f"Classes losing most: {result['losing'][0]}" in out
+
+
+def test_compare_bad_input(run, capsys, tmp_path):
+    model = f"--model={run / 'model.keras'}"
+    err = tool_error(capsys, "evaluate", model, f"--compare={tmp_path / 'none.tflite'}")
+    assert "none.tflite does not exist" in err
+    assert "leave out --tta" in tool_error(capsys, "evaluate", model,
+                                           f"--compare={run / 'model.keras'}", "--tta=flip")
+
+
 @pytest.mark.parametrize("kind", ["float32", "uint8"])
 def test_mediapipe_and_litert_agree_on_real_images(exported, kind, capsys, tmp_path):
     """MediaPipe Tasks' ImageClassifier, with no options, runs the exported files.

@@ -363,3 +363,34 @@ def test_metadata_reads_as_mediapipe_does_without_its_native_library(trained, mo
     assert found["metadata"] == native and found["labels"] == list("abcdefghij")
     assert metadata.attach(plain, labels=list("klmnopqrst"), variant="resnet8",
                            description="again")  # writing needs no native code either
+
+
+def test_cli_reports_gpu_delegate_and_onnx_row(run_copy, capsys):
+    pytest.importorskip("onnxruntime", reason="ONNX export needs onnx, onnxruntime and "
+                        "tf2onnx (pip install -c constraints.txt -e .[train])")
+    from keras_resnet.pipeline import onnx_export
+
+    status, out, err = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
+                            "--modes=float16,ptq_int8,onnx", "--eval_samples=100",
+                            "--latency_runs=3", "--representative_samples=50")
+    assert status == 0, out + err
+    assert re.search(r"\| float16 \(model_float16.tflite\) \|.*\| all ops \|$", out, re.M)
+    assert re.search(r"\| ptq_int8 .*\| all ops, runs dequantized \|$", out, re.M)
+    assert re.search(r"\| onnx \(model.onnx\) \|.*\| n/a \(ONNX Runtime\) \|$", out, re.M)
+    report = json.loads((run_copy / "export.json").read_text())
+    rows = {r["name"].split()[0]: r for r in report["rows"]}
+    assert rows["float16"]["gpu_delegate"] == "all ops" and rows["float16"]["gpu_fallback"] == []
+    assert rows["ptq_int8"]["gpu_delegate"] == "all ops, runs dequantized"
+    onnx_row = rows["onnx"]
+    assert onnx_row["runtime"] == "ONNX Runtime" and onnx_row["gpu_delegate"] == ""
+    assert abs(onnx_row["top1_change"]) <= 0.1 and onnx_row["max_diff"] < 1e-4
+    assert onnx_row["latency_1"] > 0 and onnx_row["latency_2"] > 0
+    content = (run_copy / "model.onnx").read_bytes()
+    assert onnx_row["size"] == len(content)
+    props = onnx_export.read_metadata(content)
+    assert json.loads(props["labels"]) == (run_copy / "labels.txt").read_text().split()
+    assert "raw" in props["input"] and "0..255" in props["input"]
+    assert props["architecture"] == "resnet8"
+    runner = onnx_export.OnnxModel(path=run_copy / "model.onnx", num_threads=1)
+    assert runner.input.name == "image" and runner.input.shape[1:] == [32, 32, 3]
+    assert runner.session.get_outputs()[0].name == "probabilities"

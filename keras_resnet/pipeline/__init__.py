@@ -11,6 +11,8 @@ same fields as the JSON the tools write)::
     exported = pipeline.export("runs/a", modes=["float32", "ptq_int8"])
     report = pipeline.evaluate("runs/a/model_int8.tflite", split="test")
     report["top1"]
+    diff = pipeline.compare("runs/a/model.keras", "runs/a/model_ptq_int8.tflite",
+                            split="val")                     # per class, side by side
 
 Errors a caller can cause are :class:`UserError` (one sentence, naming the argument).
 
@@ -25,7 +27,12 @@ Modules, one concern each:
     quantize_configs, bn_folding, calibration, quantization: QAT and qat().
     tflite, litert, metadata, exporting: conversion and audit; the LiteRT runner; TFLite
         metadata; export().
-    mediapipe_tasks, evaluation: MediaPipe Tasks' ImageClassifier; evaluate().
+    delegates: which ops LiteRT's GPU delegate takes (the export table's verdict).
+    selective_quantization: per-layer int8 error and keeping layers float (keep_float).
+    onnx_export: the ONNX file and its ONNX Runtime runner.
+    mediapipe_tasks, evaluation, comparison: MediaPipe Tasks' ImageClassifier;
+        evaluate(); compare() (two models on the same images).
+    pretrained_runs: a run folder from weights shipped in the package (run_from_weights).
     errors: UserError and its subclasses.
 
 Submodules are imported on first use, so importing this package stays cheap.
@@ -48,6 +55,8 @@ _EXPORTS = {
     "qat": "quantization",
     "export": "exporting",
     "evaluate": "evaluation",
+    "compare": "comparison",
+    "run_from_weights": "pretrained_runs",
 }
 
 __all__ = ["UserError", *_EXPORTS]

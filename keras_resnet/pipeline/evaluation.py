@@ -29,7 +29,7 @@ import numpy as np
 from keras_resnet.pipeline import data, files, lineage, rundir, safe_writes
 from keras_resnet.pipeline.errors import UserError, at_least, choose, first_line, fraction
 
-FORMATS = (".keras", ".tflite")
+FORMATS = (".keras", ".tflite", ".onnx")
 RUNTIMES = ("litert", "mediapipe")
 TTA = ("none", "flip")
 
@@ -59,11 +59,11 @@ class KerasPredictor:
 
 
 def load_predictor(path, *, num_threads: int | None = None, runtime: str = "litert"):
-    """Loads a .keras or .tflite classifier as a callable: float raw pixels -> scores.
+    """Loads a .keras, .tflite or .onnx classifier as a callable: float raw pixels -> scores.
 
     Args:
         path: the model file.
-        num_threads: interpreter threads (.tflite only).
+        num_threads: interpreter threads (.tflite and .onnx).
         runtime: "litert" or "mediapipe" (.tflite only).
 
     Raises:
@@ -73,6 +73,12 @@ def load_predictor(path, *, num_threads: int | None = None, runtime: str = "lite
     """
     choose("runtime", runtime, RUNTIMES)
     path = check_model_file(path)
+    if path.endswith(".onnx"):
+        if runtime != "litert":
+            raise UserError(f"runtime={runtime} runs .tflite files; {path} is an ONNX model")
+        from keras_resnet.pipeline.onnx_export import OnnxModel
+
+        return OnnxModel(path=path, num_threads=num_threads)
     if path.endswith(".keras"):
         if runtime != "litert":
             raise UserError(f"runtime={runtime} runs .tflite files; {path} is a Keras model")
@@ -95,7 +101,7 @@ def check_model_file(path) -> str:
     """
     path = os.path.expanduser(os.fspath(path))
     if not path.endswith(FORMATS):
-        raise UserError(f"model {path} must be a .keras or .tflite file")
+        raise UserError(f"model {path} must be a .keras, .tflite or .onnx file")
     if not os.path.isfile(path):
         raise UserError(f"model file {path} does not exist")
     files.check_file_format(path)
@@ -252,35 +258,22 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
     if val_fraction is not None:
         fraction("val_fraction", val_fraction)
     check_model_file(model_path)
-    found = rundir.find_run(model_path)
-    run = found.config or {}
-    dataset = dataset or run.get("dataset")
-    if not dataset:
-        raise UserError("dataset= is required (the model has no training run's config.json "
-                        "next to it)")
-    same_data = dataset == run.get("dataset")
-    data_dir = data_dir or (run.get("data_dir") if same_data else None)
-    _check_outputs(model_path, data_dir, output_json=output_json, confusion_png=confusion_png)
-    if found.folder is not None:
-        _check_run_files(found, model_path, split=split, dataset=dataset, data_dir=data_dir,
+    source = data_source(model_path, split=split, dataset=dataset, data_dir=data_dir,
                          val_fraction=val_fraction, seed=seed)
+    _check_outputs(model_path, source.data_dir, output_json=output_json,
+                   confusion_png=confusion_png)
     predictor = load_predictor(model_path, num_threads=num_threads, runtime=runtime)
-    run_labels = found.labels
-    image_size = image_size or predictor.image_size or run.get("image_size")
-    if not image_size:
-        raise UserError("image_size= is required (the model's input size is not fixed)")
-    labels = getattr(predictor, "labels", None) or run_labels
-    evaluated = data.eval_data(
-        dataset, data_dir, split, int(image_size), batch_size,
-        val_fraction=val_fraction if val_fraction is not None else run.get("val_fraction", 0.1),
-        seed=seed if seed is not None else run.get("seed", 0),
-        num_classes=predictor.num_outputs,
-        class_names=tuple(labels) if labels and dataset == "folder" else None)
+    setup = data_for(model_path, predictor, split=split, image_size=image_size,
+                     batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+                     source=source)
     try:
-        results = score(predictor, evaluated, labels=labels if same_data else None, tta=tta)
+        results = score(predictor, setup.data, labels=setup.labels if setup.same_data else None,
+                        tta=tta)
     finally:
         if hasattr(predictor, "close"):
             predictor.close()
+    dataset, data_dir, image_size = setup.dataset, setup.data_dir, setup.image_size
+    evaluated = setup.data
     model_path = os.path.abspath(os.path.expanduser(os.fspath(model_path)))
     if confusion_png is None:
         tag = "".join(c if c.isalnum() else "_" for c in split)
@@ -289,8 +282,9 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
     plot_confusion(results["confusion_matrix"], results["class_names"], confusion_png,
                    title=f"{os.path.basename(model_path)} on {dataset} {split}: top-1 "
                          f"{results['top1']:.4f}")
-    results = {"model": model_path, "format": predictor.format, "runtime": runtime
-               if predictor.format == "tflite" else "keras", "tta": tta, "dataset": dataset,
+    results = {"model": model_path, "format": predictor.format,
+               "runtime": _runtime_name(predictor.format, runtime), "tta": tta,
+               "dataset": dataset,
                "data_dir": data_dir, "split": split, "image_size": int(image_size),
                "skipped_images": len(evaluated.skipped), **results,
                "confusion_png": os.path.abspath(confusion_png)}
@@ -299,6 +293,92 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
         os.makedirs(folder, exist_ok=True)
         safe_writes.write_json(output_json, results)
     return results
+
+
+def _runtime_name(model_format: str, runtime: str) -> str:
+    return {"tflite": runtime, "onnx": "onnxruntime"}.get(model_format, "keras")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """The data a model is scored on, resolved from the options and the model's run.
+
+    Attributes:
+        run: the run the model belongs to (its folder, config.json and labels.txt).
+        dataset, data_dir: the data (the run's where not given).
+        same_data: the data is the model's training dataset.
+    """
+
+    run: rundir.FoundRun
+    dataset: str
+    data_dir: str | None
+    same_data: bool
+
+
+def data_source(model_path, *, split: str = "test", dataset: str | None = None,
+                data_dir: str | None = None, val_fraction: float | None = None,
+                seed: int | None = None) -> DataSource:
+    """The data a model is scored on: options left unset come from the training run's
+    config.json next to the model. A file of that run is refused when it is stale, its
+    labels.txt when edited, and a split carved from the run's data when that data changed
+    or is carved another way.
+
+    Raises:
+        UserError: no dataset can be found, or one of the refusals above.
+    """
+    found = rundir.find_run(model_path)
+    run = found.config or {}
+    dataset = dataset or run.get("dataset")
+    if not dataset:
+        raise UserError("dataset= is required (the model has no training run's config.json "
+                        "next to it)")
+    same_data = dataset == run.get("dataset")
+    data_dir = data_dir or (run.get("data_dir") if same_data else None)
+    if found.folder is not None:
+        _check_run_files(found, model_path, split=split, dataset=dataset, data_dir=data_dir,
+                         val_fraction=val_fraction, seed=seed)
+    return DataSource(found, dataset, data_dir, same_data)
+
+
+@dataclasses.dataclass
+class DataSetup:
+    """The images a model is evaluated on, with the options they were resolved from."""
+
+    data: data.EvalData
+    labels: tuple[str, ...] | None  # the model's class names (its run's labels.txt)
+    same_data: bool  # the data is the model's training dataset
+    dataset: str
+    data_dir: str | None
+    image_size: int
+
+
+def data_for(model_path, predictor, *, split: str = "test", dataset: str | None = None,
+             data_dir: str | None = None, image_size: int | None = None,
+             batch_size: int = 64, val_fraction: float | None = None,
+             seed: int | None = None, source: DataSource | None = None) -> DataSetup:
+    """The split a model is evaluated on (see :func:`data_source`, whose result
+    ``source`` is, where already resolved); the run's labels.txt fixes the class order.
+
+    Raises:
+        UserError: no dataset or image size can be found, or the data cannot be read.
+    """
+    if source is None:
+        source = data_source(model_path, split=split, dataset=dataset, data_dir=data_dir,
+                             val_fraction=val_fraction, seed=seed)
+    run = source.run.config or {}
+    dataset, data_dir = source.dataset, source.data_dir
+    image_size = image_size or predictor.image_size or run.get("image_size")
+    if not image_size:
+        raise UserError("image_size= is required (the model's input size is not fixed)")
+    labels = getattr(predictor, "labels", None) or source.run.labels
+    evaluated = data.eval_data(
+        dataset, data_dir, split, int(image_size), batch_size,
+        val_fraction=val_fraction if val_fraction is not None else run.get("val_fraction", 0.1),
+        seed=seed if seed is not None else run.get("seed", 0),
+        num_classes=predictor.num_outputs,
+        class_names=tuple(labels) if labels and dataset == "folder" else None)
+    return DataSetup(evaluated, tuple(labels) if labels else None, source.same_data, dataset,
+                     data_dir, int(image_size))
 
 
 # Splits carved from the data a run trained on: scoring them needs the run's own carve.

@@ -66,7 +66,7 @@ def parents_of(name: str) -> tuple[str, ...]:
         return (rundir.INT8_MODEL,)
     if name == rundir.EXPORT_REPORT:
         return (rundir.MODEL,)
-    if name in rundir.EXPORTED.values():
+    if name in rundir.EXPORTED.values() or name == rundir.ONNX_MODEL:
         return (rundir.MODEL, rundir.LABELS)
     exported = {rundir.sidecar(f): f for f in rundir.EXPORTED.values()}
     if name in exported:
@@ -252,6 +252,7 @@ def rebuild_commands(run_dir, names: Iterable[str]) -> list[str]:
     steps = {step_of(n) for n in names}
     by_file = {f: m for m, f in rundir.EXPORTED.items()}
     by_file.update({rundir.sidecar(f): m for f, m in list(by_file.items())})
+    by_file[rundir.ONNX_MODEL] = "onnx"
     modes = [by_file[n] for n in names if n in by_file and step_of(n) == "export"]
     commands = []
     if "train" in steps:

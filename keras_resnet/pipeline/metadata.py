@@ -293,7 +293,8 @@ def describe_run(run, mode: str) -> str:
     config = run.config
     what = {"float32": "float32", "float16": "float16 weights",
             "dynamic": "dynamic-range int8 weights", "ptq_int8": "post-training int8",
-            "qat_int8": "quantization-aware-trained int8"}.get(mode, mode)
+            "qat_int8": "quantization-aware-trained int8", "onnx": "float32 ONNX"}.get(mode,
+                                                                                   mode)
     data = config.get("dataset") or "its training data"
     if data == "folder" and config.get("data_dir"):
         data = f"the image folder {os.path.basename(os.path.normpath(config['data_dir']))}"

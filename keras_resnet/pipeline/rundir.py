@@ -83,9 +83,11 @@ def sidecar(name: str) -> str:
     return os.path.splitext(name)[0] + ".json"
 
 
+ONNX_MODEL = "model.onnx"  # export mode onnx; its metadata is inside, no hand-off file
 INT8_SIDECAR = sidecar(INT8_MODEL)
 QAT_FILES = (QAT_MODEL, INT8_MODEL, INT8_SIDECAR, QAT_REPORT)
-EXPORT_FILES = (*EXPORTED.values(), *(sidecar(f) for f in EXPORTED.values()), EXPORT_REPORT)
+EXPORT_FILES = (*EXPORTED.values(), ONNX_MODEL, *(sidecar(f) for f in EXPORTED.values()),
+                EXPORT_REPORT)
 # Every file a run, its QAT and its exports write in the run folder.
 RUN_FILES = tuple(dict.fromkeys(TRAIN_FILES + QAT_FILES + EXPORT_FILES))
 TRAIN_DIRS = (CHECKPOINTS, LOGS)

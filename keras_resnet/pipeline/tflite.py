@@ -36,6 +36,53 @@ MAC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
 # Conversion.
 
 
+def converter(model, mode: str, *, io: str = "float32",
+              representative: np.ndarray | None = None):
+    """The ``tf.lite.TFLiteConverter`` :func:`convert` runs, configured for ``mode``.
+
+    Builtin ops only; ``optimizations=[DEFAULT]`` for every mode but float32; float16
+    weights for float16; for ptq_int8 int8 kernels only, calibrated on ``representative``.
+    Arguments and errors are those of :func:`convert`.
+    """
+    import tensorflow as tf
+
+    choose("mode", mode, MODES, error=ExportError)
+    choose("io", io, IO_TYPES, error=ExportError)
+    if io != "float32" and mode not in INT8_MODES:
+        raise ExportError(f"io={io} needs an int8 model; mode {mode} has float32 I/O")
+    result = tf.lite.TFLiteConverter.from_keras_model(model)
+    result.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if mode != "float32":
+        result.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        result.target_spec.supported_types = [tf.float16]
+    elif mode == "ptq_int8":
+        if representative is None or len(representative) == 0:
+            raise ExportError("full-integer quantization needs representative images from "
+                              "the training data, and none were given")
+        images = np.asarray(representative, dtype="float32")
+
+        def samples():
+            for image in images:
+                yield [image[None]]
+
+        result.representative_dataset = samples
+        # Fail instead of silently keeping float kernels for ops without an int8 version.
+        result.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if io != "float32":
+        result.inference_input_type = result.inference_output_type = getattr(tf, io)
+    return result
+
+
+@contextlib.contextmanager
+def quiet_conversion():
+    """Keras 3 prints the exported signature to stdout; the converter warns that a QAT
+    model's float input has no statistics, which is expected (the model quantizes it)."""
+    with contextlib.redirect_stdout(io_lib.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Statistics for quantized inputs")
+        yield
+
+
 def convert(model, mode: str, *, io: str = "float32",
             representative: np.ndarray | None = None) -> bytes:
     """Converts a Keras model to a TFLite flatbuffer with builtin ops only.
@@ -56,39 +103,10 @@ def convert(model, mode: str, *, io: str = "float32",
         ExportError: a bad mode/io combination, no representative data, or the converter
             needs an op outside the TFLite builtins.
     """
-    import tensorflow as tf
-
-    choose("mode", mode, MODES, error=ExportError)
-    choose("io", io, IO_TYPES, error=ExportError)
-    if io != "float32" and mode not in INT8_MODES:
-        raise ExportError(f"io={io} needs an int8 model; mode {mode} has float32 I/O")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if mode != "float32":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "float16":
-        converter.target_spec.supported_types = [tf.float16]
-    elif mode == "ptq_int8":
-        if representative is None or len(representative) == 0:
-            raise ExportError("full-integer quantization needs representative images from "
-                              "the training data, and none were given")
-        images = np.asarray(representative, dtype="float32")
-
-        def samples():
-            for image in images:
-                yield [image[None]]
-
-        converter.representative_dataset = samples
-        # Fail instead of silently keeping float kernels for ops without an int8 version.
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    if io != "float32":
-        converter.inference_input_type = converter.inference_output_type = getattr(tf, io)
+    configured = converter(model, mode, io=io, representative=representative)
     try:
-        # Keras 3 prints the exported signature to stdout; the converter warns that a QAT
-        # model's float input has no statistics, which is expected (the model quantizes it).
-        with contextlib.redirect_stdout(io_lib.StringIO()), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Statistics for quantized inputs")
-            return converter.convert()
+        with quiet_conversion():
+            return configured.convert()
     except Exception as e:  # noqa: BLE001 - the converter raises ConverterError and others
         raise ExportError(f"TFLite conversion ({mode}) failed with builtin ops only: "
                           f"{first_line(e)}") from None
@@ -113,6 +131,7 @@ class Audit:
         input_shape: shape of the first model input.
         metadata: names of the metadata entries (``TFLITE_METADATA`` when the file
             carries model metadata).
+        activation_types: type name -> count of the tensors the ops compute (op outputs).
     """
 
     ops: collections.Counter
@@ -123,6 +142,8 @@ class Audit:
     ends_in_softmax: bool = False
     input_shape: tuple[int, ...] = ()
     metadata: tuple[str, ...] = ()
+    activation_types: collections.Counter = dataclasses.field(
+        default_factory=collections.Counter)
 
     def problems(self, *, int8: bool) -> list[str]:
         """Violations of the export rules, empty when the file is fine."""
@@ -143,8 +164,9 @@ class Audit:
         return ", ".join(f"{op} {n}" for op, n in self.ops.most_common())
 
 
-def inspect(content: bytes) -> Audit:
-    """Reads the ops and the types of the MAC ops of a ``.tflite`` flatbuffer."""
+def _unpack(content: bytes):
+    """The flatbuffer as schema objects, the op name of each operator code and the names
+    of the tensor types."""
     from tensorflow.lite.python import schema_py_generated as schema
 
     try:
@@ -162,7 +184,34 @@ def inspect(content: bytes) -> Audit:
             custom = custom.decode() if isinstance(custom, bytes) else str(custom)
             name = f"CUSTOM:{custom}"
         codes.append(name)
+    return model, codes, type_names
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One operator of a flatbuffer's main graph (tensors by index)."""
+
+    name: str
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+def graph(content: bytes) -> tuple[list[Op], list[str]]:
+    """The operators of the main subgraph in execution order, and its tensor names."""
+    model, codes, _ = _unpack(content)
+    first = model.subgraphs[0]
+    names = [t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+             for t in first.tensors]
+    ops = [Op(codes[op.opcodeIndex], tuple(int(i) for i in op.inputs if i >= 0),
+              tuple(int(i) for i in op.outputs if i >= 0)) for op in first.operators or []]
+    return ops, names
+
+
+def inspect(content: bytes) -> Audit:
+    """Reads the ops and the types of the MAC ops of a ``.tflite`` flatbuffer."""
+    model, codes, type_names = _unpack(content)
     ops = collections.Counter()
+    activations = collections.Counter()
     mac = []
     first = model.subgraphs[0]
     for subgraph in model.subgraphs:
@@ -170,6 +219,7 @@ def inspect(content: bytes) -> Audit:
         for op in subgraph.operators or []:
             name = codes[op.opcodeIndex]
             ops[name] += 1
+            activations.update(type_names[tensors[i].type] for i in op.outputs if i >= 0)
             if name in MAC_OPS:
                 inputs = [tensors[i] for i in op.inputs if i >= 0]
                 kinds = [type_names[t.type] for t in inputs[:2]]
@@ -188,7 +238,7 @@ def inspect(content: bytes) -> Audit:
                  num_outputs=int(shape[-1]) if shape is not None and len(shape) else 0,
                  ends_in_softmax=op is not None and codes[op.opcodeIndex] == "SOFTMAX",
                  input_shape=tuple(int(d) for d in first.tensors[first.inputs[0]].shape),
-                 metadata=names)
+                 metadata=names, activation_types=activations)
 
 
 def audit(content: bytes, *, int8: bool, name: str = "the model") -> Audit:
