@@ -61,7 +61,7 @@ _batch_norm_class: contextvars.ContextVar[type | None] = contextvars.ContextVar(
 def batch_norm_layer(layer_class: type):
     """Builds every BatchNormalization as ``layer_class``, a subclass of the stock layer
     that computes the same function (e.g. the fused training layer of
-    :mod:`keras_resnet.pipeline.fused_batch_norm`). Names, weights and their order stay
+    :mod:`keras_resnet.pipeline.training.fused_batch_norm`). Names, weights and their order stay
     those of the stock layer.
     """
     if not issubclass(layer_class, library().layers.BatchNormalization):

@@ -1,4 +1,4 @@
-"""In-memory training input (keras_resnet.pipeline.arrays) and training on the JAX and
+"""In-memory training input (keras_resnet.pipeline.data.arrays) and training on the JAX and
 PyTorch backends without TensorFlow."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from conftest import (
 )
 from PIL import Image
 
-from keras_resnet.pipeline import arrays, sources
+from keras_resnet.pipeline.data import arrays, sources
 from keras_resnet.pipeline.errors import DataError
 
 
@@ -264,7 +264,7 @@ def test_tensorflow_only_options_are_one_line_errors_without_tensorflow(backend,
 
 
 def test_machines_of_a_run_resumed_elsewhere():
-    from keras_resnet.pipeline import machine
+    from keras_resnet.pipeline.training import machine
 
     here = {"accelerator": None, "cpu": "AMD EPYC", "cpus": 2,
             "versions": {"keras_backend": "tensorflow"}}

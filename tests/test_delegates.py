@@ -10,25 +10,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from keras_resnet.pipeline.deploy import scoring
+
 
 @pytest.fixture(scope="module")
 def resnet8():
     import keras
 
     import keras_resnet
-    from keras_resnet.pipeline import exporting
 
     keras.utils.set_random_seed(0)
     model = keras_resnet.resnet(depth=8, classes=10, input_shape=(32, 32, 3),
                                 include_preprocessing=True, classifier_activation=None)
     images = np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32")
-    return exporting.with_softmax(model), images
+    return scoring.with_softmax(model), images
 
 
 @pytest.mark.parametrize("mode,quantized", [("float32", False), ("float16", False),
                                             ("dynamic", True), ("ptq_int8", True)])
 def test_resnet_files_run_whole_on_the_gpu_delegate(resnet8, mode, quantized):
-    from keras_resnet.pipeline import delegates, tflite
+    from keras_resnet.pipeline.deploy import delegates, tflite
 
     model, images = resnet8
     content = tflite.convert(model, mode, representative=images)
@@ -53,7 +54,7 @@ def _unsupported_ops_model() -> bytes:
 
 
 def test_ops_the_gpu_delegate_lacks_are_named():
-    from keras_resnet.pipeline import delegates, tflite
+    from keras_resnet.pipeline.deploy import delegates, tflite
 
     content = _unsupported_ops_model()
     assert {"TOPK_V2", "LOG_SOFTMAX", "REDUCE_ANY"} <= set(tflite.inspect(content).ops)
@@ -70,7 +71,7 @@ def test_ops_the_gpu_delegate_lacks_are_named():
 def test_custom_ops_fall_back():
     import tensorflow as tf
 
-    from keras_resnet.pipeline import delegates
+    from keras_resnet.pipeline.deploy import delegates
 
     erf = tf.function(tf.math.erf, input_signature=[tf.TensorSpec([1, 4], tf.float32)])
     converter = tf.lite.TFLiteConverter.from_concrete_functions([erf.get_concrete_function()],

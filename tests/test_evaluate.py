@@ -22,6 +22,8 @@ from conftest import (
     tool_subprocess,
 )
 
+from keras_resnet.pipeline.deploy import scoring
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cifar_run_template):
@@ -145,7 +147,7 @@ def test_mediapipe_and_litert_agree_on_real_images(exported, kind, capsys, tmp_p
     same pixels: expected equal; the bound allows one image).
     """
     require_mediapipe()
-    from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import MediaPipeClassifier
 
     path = exported[kind]
     classifier = MediaPipeClassifier(path)
@@ -169,21 +171,21 @@ def test_mediapipe_and_litert_agree_on_real_images(exported, kind, capsys, tmp_p
 
 def test_flip_tta_averages_each_image_with_its_mirror(run, capsys, tmp_path):
     from keras_resnet import pipeline
-    from keras_resnet.pipeline import data, evaluation
+    from keras_resnet.pipeline import data
 
     plain = pipeline.evaluate(run / "model.keras", split="val", confusion_png=tmp_path / "a.png")
     flip = pipeline.evaluate(run / "model.keras", split="val", tta="flip",
                              confusion_png=tmp_path / "b.png")
     assert flip["tta"] == "flip" and flip["images"] == plain["images"] == 500
     # the same figure by hand: mean of the softmax of each image and its mirror
-    predictor = evaluation.load_predictor(run / "model.keras")
+    predictor = scoring.load_predictor(run / "model.keras")
     split = data.eval_data("folder", json.loads((run / "config.json").read_text())["data_dir"],
                            "val", 32, 100)
     hits = 0
     for images, labels in split.dataset:
         images = np.asarray(images)
-        p = (evaluation.probabilities(predictor(images))
-             + evaluation.probabilities(predictor(images[:, :, ::-1]))) / 2
+        p = (scoring.probabilities(predictor(images))
+             + scoring.probabilities(predictor(images[:, :, ::-1]))) / 2
         hits += int((p.argmax(-1) == np.asarray(labels)).sum())
     assert flip["top1"] == pytest.approx(hits / 500)
     status, out, _ = _evaluate(capsys, f"--model={run / 'model.keras'}", "--split=val",
@@ -272,7 +274,7 @@ EGL_LINE = ("MediaPipe Tasks cannot load its native library (libEGL.so.1 missing
 
 
 def test_mediapipe_load_failures_are_one_line_with_the_fix():
-    from keras_resnet.pipeline.mediapipe_tasks import describe_load_failure
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import describe_load_failure
 
     assert describe_load_failure(OSError(EGL_MISSING)) == EGL_LINE
     assert describe_load_failure(ImportError(
@@ -291,8 +293,8 @@ def test_mediapipe_without_its_native_library_skips_and_refuses(monkeypatch, tmp
                                                                 capsys):
     """As on python:3.11-slim: MediaPipe installed, libmediapipe.so's libEGL.so.1 absent."""
     bindings = pytest.importorskip("mediapipe.tasks.python.core.mediapipe_c_bindings")
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import MediaPipeClassifier, unavailable
     from keras_resnet.pipeline.errors import ExportError
-    from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier, unavailable
 
     def refuse(*args, **kwargs):
         raise OSError(EGL_MISSING)
@@ -338,7 +340,7 @@ def test_predict_batches_streams_the_first_images_of_a_dataset():
     """Export and QAT score their models batch by batch: the first ``limit`` images (None:
     all), each predictor's classes in dataset order, the labels beside them, and the score
     rows of the first ``keep`` images only."""
-    from keras_resnet.pipeline.evaluation import predict_batches
+    from keras_resnet.pipeline.deploy.scoring import predict_batches
 
     rng = np.random.default_rng(0)
     batches = [(rng.uniform(0, 255, (n, 4, 4, 3)).astype("float32"),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import copy_run, litert_scores, require_mediapipe, tool, tool_error
 
+from keras_resnet.pipeline.deploy import scoring
 from keras_resnet.pipeline.errors import ExportError
 
 
@@ -37,26 +38,26 @@ def run_copy(cifar_run_template, tmp_path):
 
 
 def test_float32_export_matches_keras(trained):
-    from keras_resnet.pipeline import exporting, tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     _, model, images, _ = trained
-    content = tflite.convert(exporting.with_softmax(model), "float32")
+    content = tflite.convert(scoring.with_softmax(model), "float32")
     report = tflite.audit(content, int8=False)
     assert report.input_type == "FLOAT32" and "CONV_2D" in report.ops
     assert report.ends_in_softmax and report.num_outputs == 10
     probabilities = litert_scores(content, images)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probabilities,
-                               exporting.softmax(model.predict(images, verbose=0)), atol=1e-5)
+                               scoring.softmax(model.predict(images, verbose=0)), atol=1e-5)
 
 
 @pytest.mark.parametrize("io", ["float32", "uint8", "int8"])
 def test_ptq_int8_is_all_int8_and_close_to_keras(trained, io):
-    from keras_resnet.pipeline import exporting, tflite
-    from keras_resnet.pipeline.litert import LiteRTModel
+    from keras_resnet.pipeline.deploy import tflite
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
 
     _, model, images, _ = trained
-    content = tflite.convert(exporting.with_softmax(model), "ptq_int8", io=io,
+    content = tflite.convert(scoring.with_softmax(model), "ptq_int8", io=io,
                              representative=images)
     report = tflite.audit(content, int8=True)
     assert report.mac_types and all(t[1:] == ("INT8",) * 3 for t in report.mac_types)
@@ -68,7 +69,7 @@ def test_ptq_int8_is_all_int8_and_close_to_keras(trained, io):
         assert scale == pytest.approx(1.0) and zero == (0 if io == "uint8" else -128)
         # int8 softmax output: TFLite's fixed 1/256 steps
         assert runtime.output["quantization"][0] == pytest.approx(1 / 256)
-    want = exporting.softmax(model.predict(images, verbose=0))
+    want = scoring.softmax(model.predict(images, verbose=0))
     got = runtime.predict(images)
     # Probabilities within a few 1/256 quantization steps; the same top class nearly always.
     assert np.max(np.abs(got - want)) < 0.1
@@ -78,7 +79,7 @@ def test_ptq_int8_is_all_int8_and_close_to_keras(trained, io):
 def test_audit_fails_on_flex_op():
     import tensorflow as tf
 
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     erf = tf.function(tf.math.erf, input_signature=[tf.TensorSpec([1, 4], tf.float32)])
     converter = tf.lite.TFLiteConverter.from_concrete_functions([erf.get_concrete_function()],
@@ -95,7 +96,7 @@ def test_convert_refuses_flex_ops():
     import keras
     import tensorflow as tf
 
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(tf.math.erf)(inputs))
@@ -105,7 +106,7 @@ def test_convert_refuses_flex_ops():
 
 @pytest.mark.parametrize("mode", ["float32", "dynamic"])
 def test_audit_fails_on_float_conv_in_int8_file(trained, mode):
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     content = tflite.convert(trained[1], mode)
     tflite.audit(content, int8=False)  # a fine float file ...
@@ -114,9 +115,9 @@ def test_audit_fails_on_float_conv_in_int8_file(trained, mode):
 
 
 def test_metadata_refuses_labels_that_do_not_fit(trained):
-    from keras_resnet.pipeline import exporting, metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
 
-    content = tflite.convert(exporting.with_softmax(trained[1]), "float32")
+    content = tflite.convert(scoring.with_softmax(trained[1]), "float32")
     for labels, message in ((list("abcdefghi"), "labels has 9 class names but the model has "
                                                 "10 outputs"),
                             (["a", "b", "", *"cdefghi"], "non-empty single-line")):
@@ -127,7 +128,7 @@ def test_metadata_refuses_labels_that_do_not_fit(trained):
 
 
 def test_convert_rejects_bad_requests(trained):
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     model = trained[1]
     with pytest.raises(tflite.ExportError, match="needs an int8 model"):
@@ -139,7 +140,7 @@ def test_convert_rejects_bad_requests(trained):
 
 
 def test_cli_exports_verifies_and_hands_off(run_copy, capsys):
-    from keras_resnet.pipeline import metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
 
     status, out, _ = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
                           "--eval_samples=200", "--latency_runs=5",
@@ -276,7 +277,7 @@ def test_cli_bad_inputs(run_copy, tmp_path, capsys):
 
 
 def test_files_that_are_not_models_are_named(run_copy, tmp_path, capsys):
-    from keras_resnet.pipeline.litert import LiteRTModel
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
 
     fake = tmp_path / "model.tflite"
     fake.write_text("not a flatbuffer")
@@ -338,10 +339,10 @@ def _rich_metadata() -> bytes:
 def test_metadata_reads_as_mediapipe_does_without_its_native_library(trained, monkeypatch):
     """metadata.read is pure Python: the JSON MediaPipe's native converter writes, and it
     still works where libmediapipe.so cannot load (a slim image without libEGL)."""
-    from keras_resnet.pipeline import exporting, metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
 
     require_mediapipe()  # MediaPipe's own converter is the reference
-    plain = tflite.convert(exporting.with_softmax(trained[1]), "float32")
+    plain = tflite.convert(scoring.with_softmax(trained[1]), "float32")
     content = metadata.attach(plain, labels=list("abcdefghij"), variant="resnet8",
                               description="test")
     # importable once attach() has provided the version helper MediaPipe's wheel lacks
@@ -368,7 +369,7 @@ def test_metadata_reads_as_mediapipe_does_without_its_native_library(trained, mo
 def test_cli_reports_gpu_delegate_and_onnx_row(run_copy, capsys):
     pytest.importorskip("onnxruntime", reason="ONNX export needs onnx, onnxruntime and "
                         "tf2onnx (pip install -c constraints.txt -e .[train])")
-    from keras_resnet.pipeline import onnx_export
+    from keras_resnet.pipeline.deploy import onnx_export
 
     status, out, err = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
                             "--modes=float16,ptq_int8,onnx", "--eval_samples=100",

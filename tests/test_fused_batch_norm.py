@@ -19,7 +19,8 @@ from conftest import python_subprocess, saved_layers
 
 import keras_resnet
 from keras_resnet import blocks
-from keras_resnet.pipeline import config, fused_batch_norm, network, optimization
+from keras_resnet.pipeline.run import config
+from keras_resnet.pipeline.training import fused_batch_norm, network, optimization
 
 FUSED = fused_batch_norm.BatchNormalization
 
@@ -240,7 +241,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 import numpy as np
 import keras_resnet
-from keras_resnet.pipeline import fused_batch_norm
+from keras_resnet.pipeline.training import fused_batch_norm
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)

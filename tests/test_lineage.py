@@ -17,7 +17,8 @@ import pytest
 from conftest import REPO, TEST_ENV, tool, tool_error
 
 from keras_resnet import pipeline
-from keras_resnet.pipeline import lineage, rundir, sources
+from keras_resnet.pipeline.data import sources
+from keras_resnet.pipeline.run import checkpoints, layout, lineage
 
 TINY = ["--depth=8", "--batch_size=8", "--verbose=false"]
 
@@ -68,16 +69,16 @@ def test_training_records_every_file_with_its_parents_and_the_data(folder_run):
     data, run = folder_run
     files = lineage.read(run)
     assert set(files) == {"labels.txt", "model.keras", "best.keras"}
-    labels = rundir.sha256_of(run / "labels.txt")
+    labels = layout.sha256_of(run / "labels.txt")
     assert files["labels.txt"]["classes"] == ["cat", "dog", "owl"]
-    assert files["model.keras"]["sha256"] == rundir.sha256_of(run / "model.keras")
+    assert files["model.keras"]["sha256"] == layout.sha256_of(run / "model.keras")
     assert files["model.keras"]["made_from"] == {"labels.txt": labels}
     fingerprint = sources.fingerprint("folder", str(data))
     config = json.loads((run / "config.json").read_text())
     assert config["data"] == fingerprint.summary
     assert config["data"]["classes"] == {"cat": 20, "dog": 20, "owl": 20}
     assert files["model.keras"]["data"] == fingerprint.digest
-    assert rundir.read_data_files(run) == list(fingerprint.files)
+    assert layout.read_data_files(run) == list(fingerprint.files)
     assert lineage.stale_files(run) == []
 
 
@@ -108,7 +109,7 @@ def test_extending_a_run_marks_what_was_made_from_the_old_model_stale(copied, ca
                             "--latency_runs=2")
     assert status == 0, err
     assert lineage.read(run)["model_float32.tflite"]["made_from"]["model.keras"] == \
-        rundir.sha256_of(run / "model.keras")
+        layout.sha256_of(run / "model.keras")
     status, out, err = train_folder(capsys, data, run, "--epochs=2")
     assert status == 0, err
     stale = [line for line in out.splitlines() if line.startswith("stale:")]
@@ -296,7 +297,7 @@ def test_a_rebuilt_record_passes_over_a_checkpoint_that_does_not_read_whole(copi
     shutil.copy(folder / "epoch_0001.weights.h5", folder / "epoch_0002.weights.h5")
     os.truncate(folder / "epoch_0002.weights.h5", 2000)
     (folder / "checkpoint.json").unlink()
-    state = rundir.read_checkpoint_state(run)
+    state = checkpoints.read_checkpoint_state(run)
     assert state["weights"] == "epoch_0001.weights.h5" and state["epoch"] == 1
     assert state["damaged"][0].startswith("epoch_0002.weights.h5 (")
     assert state["best_epoch"] == 1 and len(state["history"]) == 1

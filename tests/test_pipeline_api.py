@@ -17,7 +17,7 @@ from conftest import python_subprocess
 NOTEBOOK = """
     import json, sys
     from keras_resnet import pipeline
-    from keras_resnet.pipeline import precision
+    from keras_resnet.pipeline.training import precision
 
     precision.host_cpu_flags = lambda: frozenset({"amx_bf16", "avx512_bf16"})
     run = sys.argv[1]

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from keras_resnet.pipeline import precision
 from keras_resnet.pipeline.errors import UserError
+from keras_resnet.pipeline.training import precision
 
 XEON_AMX = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 EPYC_AVX512 = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}

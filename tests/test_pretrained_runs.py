@@ -13,18 +13,19 @@ from conftest import tool, tool_error
 def test_run_folder_holds_the_shipped_model(cifar_small, tmp_path, capsys):
     import keras_resnet
     from keras_resnet import pipeline
-    from keras_resnet.pipeline import data, rundir
+    from keras_resnet.pipeline import data
+    from keras_resnet.pipeline.run import reader
 
     target = tmp_path / "r20"
     status, out, err = tool(capsys, "run_from_weights", "--model=resnet20",
                             f"--data_dir={cifar_small}", f"--model_dir={target}")
     assert status == 0, err
-    run = rundir.read_run(target)  # what export() and evaluate() read
+    run = reader.read_run(target)  # what export() and evaluate() read
     assert run.variant == "resnet20" and run.labels == keras_resnet.CIFAR10_CLASSES
     config = json.loads((target / "config.json").read_text())
     assert (config["dataset"], config["val_fraction"], config["seed"]) == ("folder", 0.1, 0)
     assert config["weights"] == "cifar10" and config["weights_sha256"]
-    model = rundir.load_model(run)  # the architecture config.json describes
+    model = reader.load_model(run)  # the architecture config.json describes
     shipped = keras_resnet.ResNet20(weights="cifar10", classifier_activation=None)
     images = data.take(data.eval_data("folder", str(cifar_small), "val", 32, 50).dataset,
                        50)[0]

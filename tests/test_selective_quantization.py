@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from conftest import copy_run, require_mediapipe, tool, tool_error
 
+from keras_resnet.pipeline.deploy import scoring
+
 DAMAGED = ("conv3_block1_1_bn", "conv3_block1_2_conv")
 SCALE = 300.0
 
@@ -58,10 +60,10 @@ def damaged_run(damaged_template, tmp_path):
 def test_layer_errors_point_at_the_damaged_layer(damaged_template):
     import keras
 
-    from keras_resnet.pipeline import data, exporting
-    from keras_resnet.pipeline import selective_quantization as sq
+    from keras_resnet.pipeline import data
+    from keras_resnet.pipeline.quantization import selective as sq
 
-    model = exporting.with_softmax(keras.saving.load_model(damaged_template / "model.keras"))
+    model = scoring.with_softmax(keras.saving.load_model(damaged_template / "model.keras"))
     config = json.loads((damaged_template / "config.json").read_text())
     train = data.eval_data("folder", config["data_dir"], "train", 32, 64)
     session = sq.Debugger(model, data.take(train.dataset, 100)[0], debug_images=32)
@@ -79,7 +81,7 @@ def test_layer_errors_point_at_the_damaged_layer(damaged_template):
     content, floats = session.convert_keep_float(["conv3_block1_1_conv"])
     # The damaged tensor stays float: the conv writing it and the conv reading it.
     assert floats == ["conv3_block1_1_conv", "conv3_block1_2_conv"]
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     audit = tflite.audit(content, int8=False)
     float_macs = [m for m in audit.mac_types if m[1:] == ("FLOAT32",) * 3]
@@ -90,7 +92,7 @@ def test_layer_errors_point_at_the_damaged_layer(damaged_template):
 
 
 def test_keep_float_auto_repairs_a_damaged_int8_export(damaged_run, capsys):
-    from keras_resnet.pipeline import metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
 
     # Without the repair: the drop is reported with the layers adding most error.
     status, out, err = tool(capsys, "export_tflite", f"--model_dir={damaged_run}",
@@ -126,8 +128,8 @@ def test_keep_float_auto_repairs_a_damaged_int8_export(damaged_run, capsys):
 def test_repaired_file_runs_in_mediapipe_tasks(damaged_template, tmp_path):
     require_mediapipe()
     from keras_resnet.pipeline import data, exporting
-    from keras_resnet.pipeline.litert import LiteRTModel
-    from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import MediaPipeClassifier
 
     run = copy_run(damaged_template, tmp_path / "run")
     exporting.export(run, modes=["ptq_int8"], keep_float=["conv3_block1_1_conv"],

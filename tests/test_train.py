@@ -31,8 +31,9 @@ from conftest import saved_layers, tool, tool_error, tool_subprocess
 
 import keras_resnet
 from keras_resnet import pipeline
-from keras_resnet.pipeline import config as config_lib
-from keras_resnet.pipeline import distribute, network, optimization, precision, rundir, safe_writes
+from keras_resnet.pipeline.run import checkpoints, lock, safe_writes
+from keras_resnet.pipeline.run import config as config_lib
+from keras_resnet.pipeline.training import distribute, network, optimization, precision
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=8", "--dataset=digits", "--batch_size=32", "--verbose=false"]
@@ -326,13 +327,11 @@ def test_resume_with_other_options_is_refused(digits_run, tmp_path, capsys):
 
 
 def test_a_run_folder_in_use_is_refused(digits_run, tmp_path, capsys):
-    from keras_resnet.pipeline import rundir
-
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from keras_resnet.pipeline import rundir\n"
-         "with rundir.RunLock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
+        [sys.executable, "-c", "import sys, time; from keras_resnet.pipeline.run import lock\n"
+         "with lock.RunLock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
          str(run_dir)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -348,7 +347,7 @@ def test_a_run_folder_in_use_is_refused(digits_run, tmp_path, capsys):
                          f"--model_dir={run_dir}")
     assert status == 0 and "resuming" in out
     # a lock that created its folder and nothing else leaves no folder behind
-    with rundir.RunLock(tmp_path / "fresh"):
+    with lock.RunLock(tmp_path / "fresh"):
         assert (tmp_path / "fresh" / ".lock").exists()
     assert not (tmp_path / "fresh").exists()
 
@@ -915,7 +914,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_rerun_completes(tmp_path,
                                                                       monkeypatch):
     run_dir = tmp_path / "run"
     common = [*TINY, "--steps_per_epoch=3", f"--model_dir={run_dir}"]
-    real = rundir.save_checkpoint
+    real = checkpoints.save_checkpoint
 
     def disk_full(model_dir, save_weights, state, **kw):
         if state["epoch"] == 2:
@@ -923,12 +922,12 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_rerun_completes(tmp_path,
                                                          "epoch_0002.weights.h5"), errno.ENOSPC)
         return real(model_dir, save_weights, state, **kw)
 
-    monkeypatch.setattr(rundir, "save_checkpoint", disk_full)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", disk_full)
     err = tool_error(capsys, "train", *common, "--epochs=3")
     assert "could not write" in err and "no space left on device" in err
     assert err.endswith("then run the same command to resume (from "
                         "checkpoints/epoch_0001.weights.h5, which is intact)")
-    monkeypatch.setattr(rundir, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
     status, out, err = cli(capsys, *common, "--epochs=3")
     assert status == 0, err
     assert f"resuming {run_dir} after epoch 1/3" in out and history(run_dir) == [1, 2, 3]

@@ -80,9 +80,9 @@ def error(message: str, status: int = 2) -> int:
 
 def finish(status: int) -> typing.NoReturn:
     """Exits with ``status``; a task of a cluster leaves with the others
-    (:func:`keras_resnet.pipeline.distribute.leave_cluster`)."""
+    (:func:`keras_resnet.pipeline.training.distribute.leave_cluster`)."""
     if "TF_CONFIG" in os.environ:
-        from keras_resnet.pipeline import distribute
+        from keras_resnet.pipeline.training import distribute
 
         distribute.leave_cluster(status)
     sys.exit(status)

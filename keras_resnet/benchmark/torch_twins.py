@@ -29,7 +29,7 @@ def torch_arch(resolved) -> dict:
     """The architecture fields of a keras_resnet model that has a plain PyTorch twin.
 
     Args:
-        resolved: a :class:`keras_resnet.pipeline.config.ResolvedConfig`.
+        resolved: a :class:`keras_resnet.pipeline.run.config.ResolvedConfig`.
 
     Raises:
         BenchmarkError: the model has no twin here.
@@ -61,7 +61,7 @@ class TorchBench:
         apply_threads(spec)
         import torch
 
-        from keras_resnet.pipeline.precision import bf16_flags, host_cpu_flags
+        from keras_resnet.pipeline.training.precision import bf16_flags, host_cpu_flags
 
         self.torch = torch
         torch.manual_seed(spec["seed"])

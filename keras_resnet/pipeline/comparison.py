@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from keras_resnet.pipeline import safe_writes
+from keras_resnet.pipeline.deploy.scoring import load_predictor, predict_batches
 from keras_resnet.pipeline.errors import UserError
-from keras_resnet.pipeline.evaluation import data_for, load_predictor, predict_batches
+from keras_resnet.pipeline.evaluation import data_for
+from keras_resnet.pipeline.run import safe_writes
 
 
 def compare(model_path, other_path, *, split: str = "test", dataset: str | None = None,

@@ -11,25 +11,26 @@ Modes (``modes=``; default ``all``):
                                       converted from model_qat.h5 when absent (or with
                                       overwrite=True)
     onnx       model.onnx             the float model for ONNX Runtime
-                                      (:mod:`~keras_resnet.pipeline.onnx_export`)
+                                      (:mod:`~keras_resnet.pipeline.deploy.onnx_export`)
 
 ``all`` is every TFLite mode (qat_int8 only when qat() has run); onnx is written when
-named. Every graph ends in a softmax, so its
-scores are probabilities an app can threshold (MediaPipe's ``score_threshold``, a "top
-results above 50%" list), and carries TFLite metadata (:mod:`~keras_resnet.pipeline.metadata`):
-labels, input normalisation and description, so MediaPipe Tasks' ImageClassifier runs it
-as it is. Every file is audited (builtin ops only; int8 convs in int8 files) and run with
-LiteRT on the run's validation split; one table compares size, top-1, scores against the
-Keras float model, latency with 1 and 2 threads and whether LiteRT's GPU delegate takes
-every op (:mod:`~keras_resnet.pipeline.delegates`, naming the ops that would fall back to
-the CPU). A ``<file>.json`` next to each file is the hand-off for apps that do not read
-metadata.
+named. Every graph ends in a softmax, so its scores are probabilities an app can threshold
+(MediaPipe's ``score_threshold``, a "top results above 50%" list), and carries TFLite
+metadata (:mod:`~keras_resnet.pipeline.deploy.metadata`): labels, input normalisation and
+description, so MediaPipe Tasks' ImageClassifier runs it as it is. Every file is audited
+(builtin ops only; int8 convs in int8 files) and run with LiteRT on the run's validation
+split; one table compares size, top-1, scores against the Keras float model, latency with
+1 and 2 threads and whether LiteRT's GPU delegate takes every op
+(:mod:`~keras_resnet.pipeline.deploy.delegates`, naming the ops that would fall back to the
+CPU). A ``<file>.json`` next to each file is the hand-off for apps that do not read
+metadata. Each run of export records what its files were made from
+(:mod:`~keras_resnet.pipeline.run.lineage`) and ends with all of them or none.
 
 An int8 file that loses more than ``max_accuracy_drop`` (or any, with
 ``layer_errors=True``) comes with the per-layer quantization error of TFLite's
 quantization debugger; ``keep_float="auto"`` re-exports the ptq_int8 file with the layers
 adding most error kept in float until it is within the limit, ``keep_float=[names]`` keeps
-the named ones (:mod:`~keras_resnet.pipeline.selective_quantization`).
+the named ones (:mod:`~keras_resnet.pipeline.quantization.selective`).
 
 Example:
     >>> from keras_resnet import pipeline
@@ -40,16 +41,22 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from keras_resnet.pipeline import data, lineage, metadata, rundir, safe_writes, tflite
+from keras_resnet.pipeline import data
+from keras_resnet.pipeline.deploy import metadata, tflite
+from keras_resnet.pipeline.deploy.litert import LiteRTModel
+from keras_resnet.pipeline.deploy.scoring import (
+    Predictions,
+    predict_batches,
+    softmax,
+    with_softmax,
+)
 from keras_resnet.pipeline.errors import DataError, ExportError, at_least, choose
-from keras_resnet.pipeline.evaluation import Predictions, predict_batches
-from keras_resnet.pipeline.litert import LiteRTModel
+from keras_resnet.pipeline.run import layout, lineage, lock, reader, safe_writes
 
 
 @dataclasses.dataclass
@@ -69,26 +76,6 @@ class Row:
     gpu_delegate: str = ""  # the GPU-delegate verdict (delegates.GpuVerdict.summary)
     gpu_fallback: list[str] = dataclasses.field(default_factory=list)
     float_layers: list[str] = dataclasses.field(default_factory=list)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(axis=-1, keepdims=True))
-    return (z / z.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-# The softmax layer every exported graph (and every QAT twin) ends in, after "predictions".
-SOFTMAX_LAYER = "probabilities"
-
-
-def with_softmax(model):
-    """The Keras 3 logits model with a softmax on top (the graph every export ends in)."""
-    import keras
-
-    if model.layers[-1].get_config().get("activation") == "softmax":
-        return model
-    probabilities = keras.layers.Activation("softmax", name=SOFTMAX_LAYER)(model.outputs[0])
-    return keras.Model(model.inputs, probabilities, name=model.name)
 
 
 def verify(content: bytes, *, name: str, dataset, reference: Predictions, int8: bool,
@@ -112,7 +99,7 @@ def verify(content: bytes, *, name: str, dataset, reference: Predictions, int8: 
         float_layers: layers an int8 file keeps in float on purpose (audited for builtin
             ops only).
     """
-    from keras_resnet.pipeline import delegates
+    from keras_resnet.pipeline.deploy import delegates
 
     tflite.audit(content, int8=int8 and not float_layers, name=name)
     row = measure(lambda threads: LiteRTModel(content, num_threads=threads), name=name,
@@ -175,59 +162,16 @@ def _size(size: int | None) -> str:
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
-def handoff(content: bytes, *, model_file: str, labels_file: str = rundir.LABELS,
-            variant: str | None = None, top1: float | None = None,
-            images: int | None = None, made_from: dict[str, str] | None = None) -> dict:
-    """The hand-off file for apps that do not read metadata: layout, dtypes and
-    quantization, and (``made_from``) the sha256 of the file and of what it was made from.
-
-    Normalisation is inside the model, so the app feeds raw 0..255 RGB pixels.
-    """
-    runtime = LiteRTModel(content)
-
-    def tensor(details, kind):
-        entry = {"shape": [int(d) for d in details["shape"]],
-                 "dtype": np.dtype(details["dtype"]).name}
-        if details["dtype"] != np.float32:
-            scale, zero = details["quantization"]
-            entry["quantization"] = {"scale": float(scale), "zero_point": int(zero)}
-        entry.update(kind)
-        return entry
-
-    result = {
-        "model": model_file,
-        "labels": labels_file,
-        "metadata": "TFLite model metadata inside the file: labels, normalisation, "
-                    "description (MediaPipe Tasks reads it)",
-        "input": tensor(runtime.input, {
-            "layout": "NHWC", "color": "RGB", "range": [0, 255],
-            "normalization": "inside the model: feed raw 0..255 RGB pixels, no mean/std",
-        }),
-        "output": tensor(runtime.output, {
-            "meaning": "class probabilities (softmax) in labels.txt order",
-        }),
-    }
-    if variant:
-        result["architecture"] = variant
-    if made_from:
-        result["made_from"] = made_from
-    if top1 is not None and not math.isnan(top1):
-        result["validation_top1"] = round(top1, 2)
-        if images:
-            result["validation_images"] = int(images)
-    return result
-
-
 ONNX_MODE = "onnx"
 MODES = (*tflite.MODES, ONNX_MODE)
 
 
 def output_file(mode: str) -> str:
     """The file a mode writes in the run folder."""
-    return rundir.ONNX_MODEL if mode == ONNX_MODE else tflite.FILES[mode]
+    return layout.ONNX_MODEL if mode == ONNX_MODE else tflite.FILES[mode]
 
 
-def _modes(run: rundir.Run, modes: Sequence[str]) -> tuple[list[str], list[str]]:
+def _modes(run: reader.Run, modes: Sequence[str]) -> tuple[list[str], list[str]]:
     """The modes to run, and notes on modes that ``all`` leaves out."""
     requested = [m.strip() for m in modes if m.strip()]
     unknown = [m for m in requested if m != "all" and m not in MODES]
@@ -238,7 +182,7 @@ def _modes(run: rundir.Run, modes: Sequence[str]) -> tuple[list[str], list[str]]
         return list(dict.fromkeys(requested)), []
     result = list(dict.fromkeys([*tflite.MODES, *requested]))
     result.remove("all")
-    if not any((run.path / f).is_file() for f in (rundir.INT8_MODEL, rundir.QAT_MODEL)):
+    if not any((run.path / f).is_file() for f in (layout.INT8_MODEL, layout.QAT_MODEL)):
         result.remove("qat_int8")
         return result, ["qat_int8 left out: run qat first"]
     return result, []
@@ -283,11 +227,11 @@ def export(run_dir, modes: Sequence[str] = ("all",), *, io: str = "float32",
         UserError: bad arguments, an incomplete run, missing data, a failed conversion or
             audit, or an existing file without ``overwrite``.
     """
-    from keras_resnet.pipeline import selective_quantization
+    from keras_resnet.pipeline.quantization import selective
 
     choose("io", io, tflite.IO_TYPES, error=ExportError)
-    keep_float = selective_quantization.parse_keep_float(keep_float)
-    run = rundir.read_run(run_dir)
+    keep_float = selective.parse_keep_float(keep_float)
+    run = reader.read_run(run_dir)
     modes, notes = _modes(run, modes)
     if keep_float and "ptq_int8" not in modes:
         raise ExportError("keep_float applies to the ptq_int8 file; add ptq_int8 to modes")
@@ -295,7 +239,7 @@ def export(run_dir, modes: Sequence[str] = ("all",), *, io: str = "float32",
         raise ExportError(f"keep_float needs io=float32 (the quantization debugger writes "
                           f"float input/output), not io={io}")
     if ONNX_MODE in modes:
-        from keras_resnet.pipeline import onnx_export
+        from keras_resnet.pipeline.deploy import onnx_export
 
         problem = onnx_export.unavailable()
         if problem:
@@ -304,7 +248,7 @@ def export(run_dir, modes: Sequence[str] = ("all",), *, io: str = "float32",
              max_accuracy_drop=max_accuracy_drop)
     at_least(ExportError, parity_samples=parity_samples, latency_runs=latency_runs,
              batch_size=batch_size)
-    with rundir.RunLock(run.path):
+    with lock.RunLock(run.path):
         lineage.adopt(run.path)
         plan = _plan(run, modes, io=io, overwrite=overwrite)
         lineage.check_current(run.path, plan.reads)
@@ -325,7 +269,7 @@ def export(run_dir, modes: Sequence[str] = ("all",), *, io: str = "float32",
 
 
 # Every file an export may write in the run folder (qat_int8 rewrites the QAT int8 file).
-OUTPUTS = (*rundir.EXPORT_FILES, rundir.INT8_MODEL)
+OUTPUTS = (*layout.EXPORT_FILES, layout.INT8_MODEL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,9 +298,9 @@ def _plan(run, modes, *, io, overwrite) -> Plan:
     def exists(name):
         return (run.path / name).is_file() and name not in leftovers
 
-    reuse_qat = "qat_int8" in modes and exists(rundir.INT8_MODEL) and not overwrite
-    if "qat_int8" in modes and not reuse_qat and not exists(rundir.QAT_MODEL):
-        raise ExportError(f"mode qat_int8 needs {run.path / rundir.QAT_MODEL}; run qat first")
+    reuse_qat = "qat_int8" in modes and exists(layout.INT8_MODEL) and not overwrite
+    if "qat_int8" in modes and not reuse_qat and not exists(layout.QAT_MODEL):
+        raise ExportError(f"mode qat_int8 needs {run.path / layout.QAT_MODEL}; run qat first")
     convert = tuple(m for m in modes if not (m == "qat_int8" and reuse_qat))
     if io != "float32" and not any(m in tflite.INT8_MODES for m in convert):
         raise ExportError(f"io={io} applies to int8 files only; add ptq_int8 or qat_int8 to "
@@ -366,11 +310,11 @@ def _plan(run, modes, *, io, overwrite) -> Plan:
         if exists(path.name) and not overwrite:
             raise ExportError(f"{path} already exists; pass overwrite=True to replace it")
     writes = [output_file(m) for m in convert]
-    writes += [rundir.sidecar(tflite.FILES[m]) for m in modes if m in tflite.FILES]
-    writes.append(rundir.EXPORT_REPORT)
-    reads = [rundir.MODEL, rundir.LABELS]
+    writes += [layout.sidecar(tflite.FILES[m]) for m in modes if m in tflite.FILES]
+    writes.append(layout.EXPORT_REPORT)
+    reads = [layout.MODEL, layout.LABELS]
     if "qat_int8" in modes:
-        reads.append(rundir.INT8_MODEL if reuse_qat else rundir.QAT_MODEL)
+        reads.append(layout.INT8_MODEL if reuse_qat else layout.QAT_MODEL)
     return Plan(reuse_qat=reuse_qat, convert=convert, reads=tuple(reads), writes=tuple(writes),
                 replace=tuple(n for n in writes if exists(n)))
 
@@ -378,10 +322,10 @@ def _plan(run, modes, *, io, overwrite) -> Plan:
 def _export(run, modes, notes, *, plan, io, settings, representative_samples,
             eval_samples, parity_samples, latency_runs, max_accuracy_drop, keep_float,
             layer_errors):
-    from keras_resnet.pipeline import calibration
+    from keras_resnet.pipeline.quantization import calibration
 
     reuse_qat, writes = plan.reuse_qat, plan.convert
-    model = rundir.load_model(run)
+    model = reader.load_model(run)
     common = {k: settings[k] for k in ("val_fraction", "seed", "num_classes")}
     representative = None
     if "ptq_int8" in writes:
@@ -427,7 +371,7 @@ def _export(run, modes, notes, *, plan, io, settings, representative_samples,
             content = path.read_bytes()
             origin = "written by qat"
         else:
-            source = (calibration.load_qat(run.path / rundir.QAT_MODEL) if mode == "qat_int8"
+            source = (calibration.load_qat(run.path / layout.QAT_MODEL) if mode == "qat_int8"
                       else with_softmax(model))
             content = tflite.convert(source, mode, io=io if int8 else "float32",
                                      representative=representative)
@@ -439,7 +383,7 @@ def _export(run, modes, notes, *, plan, io, settings, representative_samples,
             tflite.audit(content, int8=int8 and not float_layers, name=path.name)
             content = metadata.attach(content, labels=run.labels, variant=run.variant,
                                       description=metadata.describe_run(run, mode))
-            safe_writes.write_bytes_atomic(path, content)
+            safe_writes.write_atomic(path, content)
             origin = f"converted in {time.perf_counter() - start:.0f} s"
         row = verify(content, name=f"{mode} ({path.name})", int8=int8,
                      float_layers=float_layers, **measuring)
@@ -450,17 +394,17 @@ def _export(run, modes, notes, *, plan, io, settings, representative_samples,
                 and "layer_errors" not in extra:
             extra["layer_errors"] = _layer_errors(source, representative, row,
                                                   max_accuracy_drop, keep_float)
-        sidecar = run.path / rundir.sidecar(path.name)
+        sidecar = run.path / layout.sidecar(path.name)
         made_from = {path.name: lineage.digest_of(path), **lineage.made_from(run.path,
                                                                              path.name)}
-        handed = handoff(content, model_file=path.name, variant=run.variant, top1=row.top1,
+        handed = metadata.handoff(content, model_file=path.name, variant=run.variant, top1=row.top1,
                          images=images, made_from=made_from)
         if float_layers:
             handed["float_layers"] = float_layers
         safe_writes.write_json(sidecar, handed)
         sidecars[mode] = sidecar.name
 
-    keras_size = (run.path / rundir.MODEL).stat().st_size
+    keras_size = (run.path / layout.MODEL).stat().st_size
     table = format_table(rows, keras_top1=keras_top1, keras_size=keras_size,
                          samples=images, parity_samples=parity_samples)
     _log("")
@@ -469,8 +413,8 @@ def _export(run, modes, notes, *, plan, io, settings, representative_samples,
     report = {"keras_top1": keras_top1, "eval_images": images, "io": io,
               "rows": [dataclasses.asdict(r) for r in rows], "handoff": sidecars,
               "max_accuracy_drop": max_accuracy_drop, "failed": failed, **extra,
-              "made_from": lineage.made_from(run.path, rundir.EXPORT_REPORT)}
-    safe_writes.write_json(run.path / rundir.EXPORT_REPORT, report)
+              "made_from": lineage.made_from(run.path, layout.EXPORT_REPORT)}
+    safe_writes.write_json(run.path / layout.EXPORT_REPORT, report)
     return {**report, "table": table}
 
 
@@ -490,7 +434,7 @@ def _keep_float(model, plain: bytes, keep_float, *, representative, target: floa
                 measuring: dict, report: dict) -> tuple[bytes, list[str]]:
     """The ptq_int8 file with layers kept float; fills ``report`` with the layer errors
     and what it cost (size, latency) against the all-int8 file."""
-    from keras_resnet.pipeline import selective_quantization as sq
+    from keras_resnet.pipeline.quantization import selective as sq
 
     _log("ptq_int8: measuring the per-layer quantization error (TFLite quantization "
          "debugger) ...")
@@ -534,7 +478,7 @@ def _keep_float(model, plain: bytes, keep_float, *, representative, target: floa
 def _layer_errors(model, representative, row: Row, max_accuracy_drop: float,
                   keep_float) -> list[dict]:
     """The per-layer error of a ptq_int8 file, printed with what to do."""
-    from keras_resnet.pipeline import selective_quantization as sq
+    from keras_resnet.pipeline.quantization import selective as sq
 
     _log(f"ptq_int8: top-1 {row.top1_change:+.2f} points against Keras float (limit "
          f"{max_accuracy_drop}); per-layer quantization error (TFLite quantization "
@@ -550,13 +494,13 @@ def _layer_errors(model, representative, row: Row, max_accuracy_drop: float,
 
 def _export_onnx(run, model, path, measuring: dict) -> Row:
     """Writes model.onnx and measures it on ONNX Runtime."""
-    from keras_resnet.pipeline import onnx_export
+    from keras_resnet.pipeline.deploy import onnx_export
 
     start = time.perf_counter()
     content = onnx_export.convert(
         with_softmax(model), labels=run.labels, variant=run.variant,
         description=metadata.describe_run(run, ONNX_MODE))
-    safe_writes.write_bytes_atomic(path, content)
+    safe_writes.write_atomic(path, content)
     _log(f"{path.name}: converted in {time.perf_counter() - start:.0f} s")
     row = measure(lambda threads: onnx_export.OnnxModel(content, num_threads=threads),
                   name=f"{ONNX_MODE} ({path.name})", size=len(content),

@@ -22,8 +22,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from keras_resnet.pipeline import data, evaluation, lineage, rundir, safe_writes, sources
+from keras_resnet.pipeline import data
+from keras_resnet.pipeline.data import sources
+from keras_resnet.pipeline.deploy import scoring
 from keras_resnet.pipeline.errors import RunDirError, UserError
+from keras_resnet.pipeline.run import layout, lineage, lock, safe_writes
 
 
 def run_from_weights(model_dir, *, model: str = "resnet20", weights: str = "cifar10",
@@ -83,18 +86,18 @@ def run_from_weights(model_dir, *, model: str = "resnet20", weights: str = "cifa
         "epochs": training.get("epochs"),
     }
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(model_dir))))
-    rundir.check_folder(path)
-    rundir.check_apart(path, settings["data_dir"])
-    with rundir.RunLock(path):
+    layout.check_folder(path)
+    layout.check_apart(path, settings["data_dir"])
+    with lock.RunLock(path):
         return _write(path, net, entry, card, config, settings, batch_size=batch_size,
                       check=check, overwrite=overwrite)
 
 
 def _write(path: Path, net, entry, card, config, settings, *, batch_size, check, overwrite):
-    if (path / rundir.MODEL).exists() and not overwrite:
-        raise RunDirError(f"{path / rundir.MODEL} already exists; pass overwrite=True to "
+    if (path / layout.MODEL).exists() and not overwrite:
+        raise RunDirError(f"{path / layout.MODEL} already exists; pass overwrite=True to "
                           "replace it")
-    rundir.check_model_dir(path, {"model": config["model"], "num_classes": len(entry.classes),
+    layout.check_model_dir(path, {"model": config["model"], "num_classes": len(entry.classes),
                                   "image_size": entry.image_size}, overwrite=overwrite)
     fingerprint = sources.fingerprint(settings["dataset"], settings["data_dir"])
     config["data"] = fingerprint.summary
@@ -105,13 +108,13 @@ def _write(path: Path, net, entry, card, config, settings, *, batch_size, check,
         val = data.eval_data(settings["dataset"], settings["data_dir"], "val",
                              entry.image_size, batch_size, val_fraction=settings["val_fraction"],
                              seed=settings["seed"], class_names=tuple(entry.classes))
-        scored = evaluation.predict_batches(val.dataset, None, net.predict_on_batch)
+        scored = scoring.predict_batches(val.dataset, None, net.predict_on_batch)
         result.update(top1=scored.top1() / 100, images=int(len(scored.labels)))
-    safe_writes.save_atomic(path / rundir.MODEL, net.save)
-    safe_writes.write_json(path / rundir.CONFIG, config, sort_keys=True)
-    safe_writes.write_atomic(path / rundir.LABELS, "\n".join(entry.classes) + "\n")
+    safe_writes.save_atomic(path / layout.MODEL, net.save)
+    safe_writes.write_json(path / layout.CONFIG, config, sort_keys=True)
+    safe_writes.write_atomic(path / layout.LABELS, "\n".join(entry.classes) + "\n")
     if fingerprint.files:
-        rundir.write_data_files(path, fingerprint.files)
-    lineage.record(path, [rundir.LABELS, rundir.MODEL], by="shipped weights",
+        layout.write_data_files(path, fingerprint.files)
+    lineage.record(path, [layout.LABELS, layout.MODEL], by="shipped weights",
                    data=fingerprint.digest)
     return result

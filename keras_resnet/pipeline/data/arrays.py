@@ -1,7 +1,7 @@
 """Training input held in memory as NumPy arrays: the data of runs on the JAX or PyTorch
 Keras backend, where TensorFlow (tf.data) is absent.
 
-A folder dataset is listed and carved exactly as :mod:`keras_resnet.pipeline.sources` does
+A folder dataset is listed and carved exactly as :mod:`keras_resnet.pipeline.data.sources` does
 for tf.data (the same files, the same seed-``seed`` validation split), decoded once with
 Pillow into uint8 arrays, and fed to ``fit`` by :class:`keras.utils.PyDataset` streams:
 
@@ -30,9 +30,9 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_resnet.pipeline import sources
+from keras_resnet.pipeline.data import sources
+from keras_resnet.pipeline.data.transforms import CUTOUT_FILL, SMALL_IMAGE_MAX
 from keras_resnet.pipeline.errors import DataError
-from keras_resnet.pipeline.transforms import CUTOUT_FILL, SMALL_IMAGE_MAX
 
 # Datasets an array run can read (TFDS and the tf.data-backed sources need TensorFlow).
 ARRAY_DATASETS = ("folder",)
@@ -172,7 +172,7 @@ def augment_small(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     """Cutout (DeVries & Taylor 2017) on a batch ``[n, height, width, 3]``: in each image a
     ``size`` x ``size`` square, centred uniformly over the image and clipped at its edges,
-    set to :data:`~keras_resnet.pipeline.transforms.CUTOUT_FILL`."""
+    set to :data:`~keras_resnet.pipeline.data.transforms.CUTOUT_FILL`."""
     n, height, width, _ = images.shape
     start = np.stack([rng.integers(0, height, n), rng.integers(0, width, n)], 1) - size // 2
     rows = np.arange(height)[None, :] - start[:, :1]

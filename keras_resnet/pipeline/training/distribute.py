@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 import keras
 
-from keras_resnet.pipeline.config import STRATEGIES
 from keras_resnet.pipeline.errors import UserError, choose
+from keras_resnet.pipeline.run.config import STRATEGIES
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -11,7 +11,7 @@ import contextlib
 
 import keras
 
-from keras_resnet.pipeline.config import STEP_BOUNDARIES, ResolvedConfig
+from keras_resnet.pipeline.run.config import STEP_BOUNDARIES, ResolvedConfig
 
 
 def add_weight_decay(model: keras.Model, weight_decay: float) -> None:

@@ -109,7 +109,7 @@ def _analyzer_verdict(content: bytes) -> str:
 def _ops_and_types(content: bytes) -> tuple[collections.Counter, set[str]]:
     """Op names (custom ops as ``CUSTOM:<name>``), and the types of the tensors the ops
     compute and of the MAC ops' weights."""
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     audit = tflite.inspect(content)
     return audit.ops, set(audit.activation_types) | {m[2] for m in audit.mac_types}

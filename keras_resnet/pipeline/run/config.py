@@ -33,6 +33,7 @@ from typing import Any
 
 from keras_resnet import configs
 from keras_resnet import weights as weights_lib
+from keras_resnet.pipeline.data.splits import DEFAULT_CACHE_BUDGET_MB
 from keras_resnet.pipeline.errors import UserError, choose
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
@@ -49,7 +50,6 @@ RESUMABLE_CHANGES = ("epochs", "model_dir", "verbose", "keep_checkpoints", "over
 ADDED_OPTIONS = {"ema_decay": 0.0, "cutout": 0}
 # Epochs of at least this many steps are checkpointed every tenth of an epoch by default.
 LONG_EPOCH_STEPS = 2000
-DEFAULT_CACHE_BUDGET_MB = 2048
 
 
 def truthy(value: str, auto: bool) -> bool:

@@ -3,8 +3,8 @@
 tensorflow-model-optimization (tfmot) quantizes only Keras 2 (``tf_keras``) models, so QAT
 works on a ``tf_keras`` twin built from the same architecture definition as the run's
 Keras 3 model, with the weights copied by layer name. :func:`qat` then wraps the twin
-(:mod:`~keras_resnet.pipeline.quantize_configs`), calibrates and fine-tunes it
-(:mod:`~keras_resnet.pipeline.calibration`), converts it to an audited int8 file with
+(:mod:`~keras_resnet.pipeline.quantization.quantize_configs`), calibrates and fine-tunes it
+(:mod:`~keras_resnet.pipeline.quantization.calibration`), converts it to an audited int8 file with
 metadata and checks that file on the LiteRT runtime. It writes into the run folder:
 
     model_qat.h5        the QAT model (tf_keras; load with :func:`calibration.load_qat`)
@@ -25,31 +25,24 @@ import time
 
 import numpy as np
 
-from keras_resnet.pipeline import (
-    calibration,
-    data,
-    evaluation,
-    exporting,
-    lineage,
-    metadata,
-    rundir,
-    safe_writes,
-    tflite,
-)
-from keras_resnet.pipeline.config import AUTO_BOOL
+from keras_resnet.pipeline import data
+from keras_resnet.pipeline.deploy import metadata, scoring, tflite
+from keras_resnet.pipeline.deploy.litert import LiteRTModel
 from keras_resnet.pipeline.errors import QuantizeError, at_least, choose, first_line, positive
-from keras_resnet.pipeline.litert import LiteRTModel
-from keras_resnet.pipeline.quantize_configs import check_variant, quantize_model
+from keras_resnet.pipeline.quantization import calibration
+from keras_resnet.pipeline.quantization.quantize_configs import check_variant, quantize_model
+from keras_resnet.pipeline.run import layout, lineage, lock, reader, safe_writes
+from keras_resnet.pipeline.run.config import AUTO_BOOL
 
 # Probabilities of the twin must match the Keras 3 model's up to float32 rounding through
 # ~100 layers; a wrong weight or layer order shows up as differences of order 0.1.
 TWIN_TOLERANCE = 1e-3
 # Fine-tuning learning rate as a share of the run's peak rate (measured, BUILD.md "Results").
 QAT_LR_SHARE = 0.001
-OUTPUTS = rundir.QAT_FILES
+OUTPUTS = layout.QAT_FILES
 
 
-def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
+def build_twin(run: reader.Run, model, *, sample: np.ndarray | None = None):
     """Builds the ``tf_keras`` twin of ``model`` and copies its weights by layer name.
 
     The twin is built from the architecture in ``config.json`` by the same code as the
@@ -75,7 +68,7 @@ def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
     from keras_resnet import weights as weights_lib
 
     input_shape = tuple(model.input_shape[1:])
-    source = run.path / rundir.MODEL
+    source = run.path / layout.MODEL
     try:
         with keras_resnet.layer_library(tf_keras):
             logits = keras_resnet.resnet(
@@ -85,7 +78,7 @@ def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
         # A separate softmax layer: fine-tuning trains on the logits before it, where the
         # int8 output's 1/256 steps do not cut the gradient of confident mistakes.
         twin = tf_keras.Model(logits.inputs, tf_keras.layers.Activation(
-            "softmax", name=exporting.SOFTMAX_LAYER)(logits.outputs[0]), name=logits.name)
+            "softmax", name=scoring.SOFTMAX_LAYER)(logits.outputs[0]), name=logits.name)
         problem = weights_lib.mismatch(model, twin)
         if problem:
             raise ValueError(f"it {problem}")
@@ -95,7 +88,7 @@ def build_twin(run: rundir.Run, model, *, sample: np.ndarray | None = None):
                             f"({first_line(e)})") from None
     if sample is None:
         sample = np.random.default_rng(0).uniform(0, 255, (4, *input_shape)).astype("float32")
-    want = exporting.softmax(model(sample, training=False))
+    want = scoring.softmax(model(sample, training=False))
     got = np.asarray(twin(sample, training=False), dtype="float32")
     diff = float(np.max(np.abs(want - got)))
     if not diff <= TWIN_TOLERANCE:
@@ -109,7 +102,7 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def _data_digest(run: rundir.Run) -> str | None:
+def _data_digest(run: reader.Run) -> str | None:
     return (run.config.get("data") or {}).get("digest")
 
 
@@ -154,16 +147,16 @@ def qat(run_dir, *, epochs: int = 1, dataset: str | None = None, data_dir: str |
              agreement_samples=agreement_samples, batch_size=batch_size,
              steps_per_epoch=steps_per_epoch)
     positive(QuantizeError, learning_rate=learning_rate)
-    run = rundir.read_run(run_dir)
+    run = reader.read_run(run_dir)
     check_variant(run.variant)
-    with rundir.RunLock(run.path):
+    with lock.RunLock(run.path):
         lineage.adopt(run.path)
         existing = [f for f in OUTPUTS if (run.path / f).exists()
                     and f not in lineage.leftovers(run.path, OUTPUTS)]
         if existing and not overwrite:
             raise QuantizeError(f"{run.path / existing[0]} already exists; pass "
                                 "overwrite=True to replace it")
-        lineage.check_current(run.path, [rundir.MODEL, rundir.LABELS])
+        lineage.check_current(run.path, [layout.MODEL, layout.LABELS])
         lineage.check_data(run.path, run.config, dataset=dataset, data_dir=data_dir,
                            what="scoring its validation images")
         with lineage.step(run.path, "QAT", OUTPUTS, replace=existing) as stop:
@@ -181,7 +174,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
          calibration_steps, freeze_bn, io, agreement_samples, verbose):
     settings = run.data_settings(dataset=dataset, data_dir=data_dir, batch_size=batch_size)
     start = time.perf_counter()
-    model = rundir.load_model(run)
+    model = reader.load_model(run)
     # Fine-tuning sees the run's own augmentation (Cutout too), as it takes its smoothing.
     cutout = int(run.config["cutout"])
     bundle = data.load_data(**settings, augment=True, cutout=cutout)
@@ -203,7 +196,7 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
     label_smoothing = float(run.config.get("label_smoothing") or 0.0)
     qat_model = quantize_model(twin, variant=run.variant)
     used = calibration.calibrate(qat_model, bundle.train, steps=calibration_steps)
-    scored = evaluation.predict_batches(bundle.val, agreement_samples,
+    scored = scoring.predict_batches(bundle.val, agreement_samples,
                                         model.predict_on_batch, qat_model.predict_on_batch)
     labels, float_top1, before = scored.labels, scored.top1(0), scored.top1(1)
     _log(f"calibrated quantization ranges on {used} batches; top-1 on {len(labels)} "
@@ -215,23 +208,23 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
                           steps_per_epoch=steps_per_epoch, label_smoothing=label_smoothing,
                           verbose=fit_verbose)
 
-    calibration.save_qat(qat_model, run.path / rundir.QAT_MODEL)
+    calibration.save_qat(qat_model, run.path / layout.QAT_MODEL)
     content = tflite.convert(qat_model, "qat_int8", io=io)
-    report = tflite.audit(content, int8=True, name=rundir.INT8_MODEL)
+    report = tflite.audit(content, int8=True, name=layout.INT8_MODEL)
     content = metadata.attach(content, labels=run.labels, variant=run.variant,
                               description=metadata.describe_run(run, "qat_int8"))
-    safe_writes.write_bytes_atomic(run.path / rundir.INT8_MODEL, content)
-    scored = evaluation.predict_batches(bundle.val, agreement_samples,
+    safe_writes.write_atomic(run.path / layout.INT8_MODEL, content)
+    scored = scoring.predict_batches(bundle.val, agreement_samples,
                                         qat_model.predict_on_batch,
                                         LiteRTModel(content, num_threads=2).predict)
     labels, after, int8_top1 = scored.labels, scored.top1(0), scored.top1(1)
     qat_classes, int8_classes = scored.classes
     agreement = float(np.mean(int8_classes == qat_classes) * 100)
-    made_from = {rundir.INT8_MODEL: lineage.digest_of(run.path / rundir.INT8_MODEL),
-                 **lineage.made_from(run.path, rundir.QAT_MODEL)}
-    handoff = exporting.handoff(content, model_file=rundir.INT8_MODEL, variant=run.variant,
+    made_from = {layout.INT8_MODEL: lineage.digest_of(run.path / layout.INT8_MODEL),
+                 **lineage.made_from(run.path, layout.QAT_MODEL)}
+    handoff = metadata.handoff(content, model_file=layout.INT8_MODEL, variant=run.variant,
                                 top1=int8_top1, images=len(labels), made_from=made_from)
-    safe_writes.write_json(run.path / rundir.INT8_SIDECAR, handoff)
+    safe_writes.write_json(run.path / layout.INT8_SIDECAR, handoff)
     figures = {
         "variant": run.variant, "twin_max_abs_probability_diff": diff,
         "calibration_batches": used, "epochs": epochs, "learning_rate": learning_rate,
@@ -242,14 +235,14 @@ def _qat(run, *, epochs, dataset, data_dir, batch_size, learning_rate, steps_per
         "int8_vs_qat_top1_agreement": agreement,
         "int8_ops": dict(report.ops), "int8_bytes": len(content),
         "wall_time_s": time.perf_counter() - start,
-        "made_from": lineage.made_from(run.path, rundir.QAT_MODEL),
+        "made_from": lineage.made_from(run.path, layout.QAT_MODEL),
     }
-    safe_writes.write_json(run.path / rundir.QAT_REPORT, figures)
+    safe_writes.write_json(run.path / layout.QAT_REPORT, figures)
     _log(f"top-1 on {len(labels)} validation images: float {float_top1:.2f}%, QAT "
          f"{after:.2f}%, int8 TFLite {int8_top1:.2f}% (int8 agrees with QAT on "
          f"{agreement:.1f}%)")
     _log(f"op audit: builtin ops only, every conv/FC in int8 ({report.summary()})")
-    _log(f"wrote {run.path / rundir.QAT_MODEL}, {run.path / rundir.INT8_MODEL} "
-         f"({len(content) / 1024:.1f} KiB, with metadata), {rundir.INT8_SIDECAR}, "
-         f"{rundir.QAT_REPORT}")
+    _log(f"wrote {run.path / layout.QAT_MODEL}, {run.path / layout.INT8_MODEL} "
+         f"({len(content) / 1024:.1f} KiB, with metadata), {layout.INT8_SIDECAR}, "
+         f"{layout.QAT_REPORT}")
     return figures

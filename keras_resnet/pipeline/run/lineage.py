@@ -41,9 +41,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from keras_resnet.pipeline import preemption, rundir, sources
+from keras_resnet.pipeline.data import sources
 from keras_resnet.pipeline.errors import RunDirError
-from keras_resnet.pipeline.safe_writes import write_json
+from keras_resnet.pipeline.run import layout, preemption
+from keras_resnet.pipeline.run.safe_writes import write_json
 
 FORMAT = 1
 
@@ -54,21 +55,21 @@ def parents_of(name: str) -> tuple[str, ...]:
     Raises:
         ValueError: a name that no step of the pipeline writes.
     """
-    if name == rundir.LABELS:
+    if name == layout.LABELS:
         return ()
-    if name in (rundir.MODEL, rundir.BEST):
-        return (rundir.LABELS,)
-    if name == rundir.QAT_MODEL:
-        return (rundir.MODEL, rundir.LABELS)
-    if name == rundir.INT8_MODEL:
-        return (rundir.QAT_MODEL, rundir.LABELS)
-    if name == rundir.QAT_REPORT:
-        return (rundir.INT8_MODEL,)
-    if name == rundir.EXPORT_REPORT:
-        return (rundir.MODEL,)
-    if name in rundir.EXPORTED.values() or name == rundir.ONNX_MODEL:
-        return (rundir.MODEL, rundir.LABELS)
-    exported = {rundir.sidecar(f): f for f in rundir.EXPORTED.values()}
+    if name in (layout.MODEL, layout.BEST):
+        return (layout.LABELS,)
+    if name == layout.QAT_MODEL:
+        return (layout.MODEL, layout.LABELS)
+    if name == layout.INT8_MODEL:
+        return (layout.QAT_MODEL, layout.LABELS)
+    if name == layout.QAT_REPORT:
+        return (layout.INT8_MODEL,)
+    if name == layout.EXPORT_REPORT:
+        return (layout.MODEL,)
+    if name in layout.EXPORTED.values() or name == layout.ONNX_MODEL:
+        return (layout.MODEL, layout.LABELS)
+    exported = {layout.sidecar(f): f for f in layout.EXPORTED.values()}
     if name in exported:
         return (exported[name],)
     raise ValueError(f"{name} is not a file lineage knows")
@@ -76,9 +77,9 @@ def parents_of(name: str) -> tuple[str, ...]:
 
 def step_of(name: str) -> str:
     """The step that writes a file of this name."""
-    if name in (rundir.LABELS, rundir.MODEL, rundir.BEST):
+    if name in (layout.LABELS, layout.MODEL, layout.BEST):
         return "train"
-    return "qat" if name in rundir.QAT_FILES else "export"
+    return "qat" if name in layout.QAT_FILES else "export"
 
 
 def tracked(name: str) -> bool:
@@ -104,7 +105,7 @@ class Digests:
             return None
         key = (path, stat.st_size, stat.st_mtime_ns)
         if key not in self._seen:
-            self._seen[key] = rundir.sha256_of(path)
+            self._seen[key] = layout.sha256_of(path)
         return self._seen[key]
 
 
@@ -117,7 +118,7 @@ def read(run_dir) -> dict[str, dict[str, Any]] | None:
     Raises:
         RunDirError: lineage.json is not readable JSON.
     """
-    path = os.path.join(run_dir, rundir.LINEAGE)
+    path = os.path.join(run_dir, layout.LINEAGE)
     if not os.path.isfile(path):
         return None
     try:
@@ -132,7 +133,7 @@ def read(run_dir) -> dict[str, dict[str, Any]] | None:
 
 
 def _write(run_dir, files: dict[str, dict[str, Any]]) -> None:
-    write_json(os.path.join(run_dir, rundir.LINEAGE), {"format": FORMAT, "files": files},
+    write_json(os.path.join(run_dir, layout.LINEAGE), {"format": FORMAT, "files": files},
                sort_keys=True)
 
 
@@ -145,8 +146,8 @@ def _entry(run_dir, name: str, *, by: str, data: str | None) -> dict[str, Any]:
              "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     if data is not None:
         entry["data"] = data
-    if name == rundir.LABELS:
-        entry["classes"] = list(rundir.read_labels(folder / name))
+    if name == layout.LABELS:
+        entry["classes"] = list(layout.read_labels(folder / name))
     return entry
 
 
@@ -157,7 +158,7 @@ def record(run_dir, names: Iterable[str], *, by: str, data: str | None = None,
 
     Args:
         data: the digest of the data the step saw (see
-            :func:`keras_resnet.pipeline.sources.fingerprint`), where it saw any.
+            :func:`keras_resnet.pipeline.data.sources.fingerprint`), where it saw any.
         previous: parent name -> sha256 to record instead of the current file, for files
             known to have been made from an earlier version of it.
 
@@ -250,9 +251,9 @@ def rebuild_commands(run_dir, names: Iterable[str]) -> list[str]:
     run them (QAT before export, whose qat_int8 mode reads the QAT model)."""
     run_dir = os.fspath(run_dir)
     steps = {step_of(n) for n in names}
-    by_file = {f: m for m, f in rundir.EXPORTED.items()}
-    by_file.update({rundir.sidecar(f): m for f, m in list(by_file.items())})
-    by_file[rundir.ONNX_MODEL] = "onnx"
+    by_file = {f: m for m, f in layout.EXPORTED.items()}
+    by_file.update({layout.sidecar(f): m for f, m in list(by_file.items())})
+    by_file[layout.ONNX_MODEL] = "onnx"
     modes = [by_file[n] for n in names if n in by_file and step_of(n) == "export"]
     commands = []
     if "train" in steps:
@@ -268,12 +269,12 @@ def rebuild_commands(run_dir, names: Iterable[str]) -> list[str]:
 
 def labels_fix(run_dir, files: dict[str, dict[str, Any]]) -> str:
     """How to restore a labels.txt that was edited after training wrote it."""
-    classes = files.get(rundir.LABELS, {}).get("classes") or []
+    classes = files.get(layout.LABELS, {}).get("classes") or []
     if classes and len(classes) <= 12:
         return ("restore it: the run's classes in label order are "
                 + ", ".join(repr(c) for c in classes))
     return (f"restore it: the run's {len(classes)} classes in label order are listed in "
-            f"{rundir.LINEAGE}" if classes else "restore the file training wrote")
+            f"{layout.LINEAGE}" if classes else "restore the file training wrote")
 
 
 def check_current(run_dir, names: Sequence[str]) -> None:
@@ -288,17 +289,17 @@ def check_current(run_dir, names: Sequence[str]) -> None:
     if not files:
         return
     path = Path(run_dir)
-    if rundir.LABELS in names and rundir.LABELS in files:
-        if _DIGESTS(path / rundir.LABELS) != files[rundir.LABELS]["sha256"]:
-            raise RunDirError(f"{path / rundir.LABELS} is not the file training wrote (it was "
+    if layout.LABELS in names and layout.LABELS in files:
+        if _DIGESTS(path / layout.LABELS) != files[layout.LABELS]["sha256"]:
+            raise RunDirError(f"{path / layout.LABELS} is not the file training wrote (it was "
                               f"edited since); {labels_fix(path, files)}")
     for name in names:
         reason = why_stale(path, name, files)
         if reason is None:
             continue
         root, why = reason
-        if root == rundir.LABELS:
-            raise RunDirError(f"{path / name} is stale: {why}; {path / rundir.LABELS} was "
+        if root == layout.LABELS:
+            raise RunDirError(f"{path / name} is stale: {why}; {path / layout.LABELS} was "
                               f"edited after training wrote it; {labels_fix(path, files)}")
         raise RunDirError(f"{path / name} is stale: {why}; rebuild it with "
                           f"`{rebuild_commands(path, [name])[0]}`")
@@ -329,7 +330,7 @@ def data_change(run_dir, recorded: dict | None, dataset: str, data_dir: str | No
     current = sources.fingerprint(dataset, data_dir)
     if current.digest == recorded.get("digest"):
         return None
-    files = rundir.read_data_files(run_dir) if current.summary["kind"] == "folder" else None
+    files = layout.read_data_files(run_dir) if current.summary["kind"] == "folder" else None
     return sources.describe_change(recorded, files, current)
 
 
@@ -377,7 +378,7 @@ def step(run_dir, what: str, outputs: Sequence[str], *, replace: Sequence[str] =
     Before: lineage starts in a folder written before it existed (:func:`adopt`), files a
     killed earlier run of the step left behind (:func:`leftovers`) are removed, and so are
     ``replace`` (outputs to write again). Inside, SIGTERM/SIGINT stop the step at once
-    (:class:`~keras_resnet.pipeline.preemption.StopNow`). On any failure or stop, every
+    (:class:`~keras_resnet.pipeline.run.preemption.StopNow`). On any failure or stop, every
     output the step wrote (not yet recorded) is removed. The step records its outputs last
     (``stop.check()``, then :func:`record`), inside the block.
 

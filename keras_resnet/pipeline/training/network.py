@@ -1,7 +1,7 @@
 """The network of a run: built as it is saved, built as it trains, and saved.
 
 A run trains :func:`build_training_model` (its dtype policy, the fused BatchNormalization
-of :mod:`~keras_resnet.pipeline.fused_batch_norm`) and saves through :func:`save_model`,
+of :mod:`~keras_resnet.pipeline.training.fused_batch_norm`) and saves through :func:`save_model`,
 which writes the weights into :func:`build_twin`, the stock float32 model of the same
 architecture: every ``.keras`` file a run writes loads without custom objects on every
 backend, in float32. Checkpoints (``.weights.h5``) are the same for both models, since
@@ -20,9 +20,10 @@ import keras
 
 import keras_resnet
 from keras_resnet import weights as weights_lib
-from keras_resnet.pipeline import fused_batch_norm, optimization, safe_writes
-from keras_resnet.pipeline.config import ResolvedConfig
 from keras_resnet.pipeline.errors import UserError, first_line
+from keras_resnet.pipeline.run import safe_writes
+from keras_resnet.pipeline.run.config import ResolvedConfig
+from keras_resnet.pipeline.training import fused_batch_norm, optimization
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def load_initial_weights(model: keras.Model, resolved: ResolvedConfig) -> None:
     The model stays one flat functional graph: weights are copied layer by layer by name
     from a source model, never by nesting that model.
     """
-    from keras_resnet.pipeline.files import check_file_format
+    from keras_resnet.pipeline.run.formats import check_file_format
 
     spec = resolved.initial_weights
     size = resolved.image_size

@@ -20,11 +20,11 @@ import warnings
 
 import numpy as np
 
-from keras_resnet.pipeline import rundir
 from keras_resnet.pipeline.errors import ExportError, choose, first_line
+from keras_resnet.pipeline.run import layout
 
 # mode -> output file in the run folder. "qat_int8" is the Android hand-off model.
-FILES = rundir.EXPORTED
+FILES = layout.EXPORTED
 MODES = tuple(FILES)
 INT8_MODES = ("ptq_int8", "qat_int8")
 IO_TYPES = ("float32", "int8", "uint8")

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from keras_resnet.pipeline import tflite
+from keras_resnet.pipeline.deploy import tflite
 from keras_resnet.pipeline.errors import ExportError, first_line
 
 # Ops that move int8 values without arithmetic: a float tensor passes through them float.

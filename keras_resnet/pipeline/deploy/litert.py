@@ -19,8 +19,9 @@ import time
 
 import numpy as np
 
-from keras_resnet.pipeline import files, native_logs
+from keras_resnet.pipeline import native_logs
 from keras_resnet.pipeline.errors import ExportError, first_line
+from keras_resnet.pipeline.run import formats
 
 
 class LiteRTModel:
@@ -46,7 +47,7 @@ class LiteRTModel:
             raise ValueError("pass exactly one of content= or path=")
         name = os.fspath(path) if path is not None else "the model"
         if path is not None:
-            files.check_file_format(name, error=ExportError)
+            formats.check_file_format(name, error=ExportError)
         try:
             with native_logs.filtered_stderr(native_logs.XNNPACK_NOTICE):
                 if content is not None:

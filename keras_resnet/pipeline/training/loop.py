@@ -1,13 +1,13 @@
-"""Training: one experiment from a :class:`~keras_resnet.pipeline.config.TrainConfig`.
+"""Training: one experiment from a :class:`~keras_resnet.pipeline.run.config.TrainConfig`.
 
 :func:`train` builds and compiles the model inside the distribution strategy's scope,
 fits it with the run's input pipeline and writes the run folder (see
-:mod:`keras_resnet.pipeline.rundir`). Models are built with ``include_preprocessing=True``
+:mod:`keras_resnet.pipeline.run.layout`). Models are built with ``include_preprocessing=True``
 and ``classifier_activation=None``: they take raw 0..255 RGB pixels and return logits.
 On the TensorFlow backend the input is tf.data and the strategy tf.distribute's; on
 another Keras backend (JAX) a folder dataset is held in memory
-(:mod:`keras_resnet.pipeline.arrays`) and the run uses one device
-(:class:`~keras_resnet.pipeline.distribute.OneDevice`), without importing TensorFlow.
+(:mod:`keras_resnet.pipeline.data.arrays`) and the run uses one device
+(:class:`~keras_resnet.pipeline.training.distribute.OneDevice`), without importing TensorFlow.
 
 Running the same config again after an interruption resumes after the last completed
 epoch (weights, optimizer state, epoch, best score and history are restored) and finishes
@@ -35,34 +35,28 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_resnet.pipeline import (
-    callbacks,
-    distribute,
-    lineage,
-    machine,
-    network,
-    optimization,
-    precision,
-    preemption,
-    rundir,
-    safe_writes,
-    sources,
-    transforms,
-)
-from keras_resnet.pipeline.config import (
-    ResolvedConfig,
-    TrainConfig,
-    checkpoint_interval,
-    resolve,
-    resume_conflicts,
-    truthy,
-)
+from keras_resnet.pipeline.data import sources, transforms
+from keras_resnet.pipeline.data.inputs import load_bundle, one_hot_labels
 from keras_resnet.pipeline.errors import (
-    ResumeMismatch,
     TrainingStopped,
     UserError,
     WriteError,
     first_line,
+)
+from keras_resnet.pipeline.run import checkpoints, layout, lineage, lock, preemption, safe_writes
+from keras_resnet.pipeline.run.config import (
+    TrainConfig,
+    checkpoint_interval,
+    resolve,
+    truthy,
+)
+from keras_resnet.pipeline.training import (
+    callbacks,
+    distribute,
+    machine,
+    network,
+    optimization,
+    precision,
 )
 
 log = logging.getLogger(__name__)
@@ -76,38 +70,6 @@ def _set_trainable(model, head_only, original, freeze_bn):
         if freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
             trainable = False
         layer.trainable = trainable
-
-
-def load_bundle(resolved: ResolvedConfig):
-    """The run's training and validation input: tf.data on the TensorFlow backend
-    (:func:`keras_resnet.pipeline.data.load_data`), else in-memory arrays
-    (:func:`keras_resnet.pipeline.arrays.load_arrays`, folder datasets of images up to 64
-    pixels)."""
-    if keras.config.backend() == "tensorflow":
-        from keras_resnet.pipeline import data
-
-        return data.load_data(
-            resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
-            batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
-            seed=resolved.seed, augment=resolved.augment, cutout=resolved.cutout,
-            cache_budget=resolved.cache_budget_mb * 2**20)
-    from keras_resnet.pipeline import arrays
-
-    return arrays.load_arrays(
-        resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
-        batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
-        seed=resolved.seed, augment=resolved.augment, cutout=resolved.cutout,
-        memory_budget=resolved.cache_budget_mb * 2**20)
-
-
-def one_hot_labels(num_classes: int):
-    """``dataset -> dataset`` with one-hot labels: a tf.data map on TensorFlow; the array
-    streams of other backends come one-hot already."""
-    if keras.config.backend() != "tensorflow":
-        return lambda dataset: dataset
-    import tensorflow as tf
-
-    return lambda dataset: dataset.map(lambda x, y: (x, tf.one_hot(y, num_classes)))
 
 
 # --------------------------------------------------------------------------- train
@@ -135,14 +97,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # Only the chief writes the run folder; other workers read its checkpoints.
     chief = distribute.is_chief(strategy)
     run_dir = os.path.abspath(os.path.expanduser(resolved.model_dir))
-    rundir.check_folder(run_dir)
-    rundir.check_apart(run_dir, resolved.data_dir)
+    layout.check_folder(run_dir)
+    layout.check_apart(run_dir, resolved.data_dir)
     with preemption.StopRequest() as stop:
         try:
             if not chief:
                 return _train(resolved, strategy, run_dir, chief=False, start=start,
                               stop=stop)
-            with rundir.RunLock(run_dir):
+            with lock.RunLock(run_dir):
                 return _train(resolved, strategy, run_dir, chief=True, start=start,
                               stop=stop)
         except Exception as e:  # noqa: BLE001 - only failed writes are reworded
@@ -156,48 +118,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
 def _resume_point(run_dir: str) -> str:
     """Where the same command would resume the run (after a failed write)."""
     try:
-        state = rundir.read_checkpoint_state(run_dir)
+        state = checkpoints.read_checkpoint_state(run_dir)
     except UserError:
         state = None
     if not state:
         return "no checkpoint was written yet, so it starts again"
-    return f"from {rundir.CHECKPOINTS}/{state['weights']}, which is intact"
-
-
-def check_resume(run_dir: str, resolved: ResolvedConfig) -> None:
-    """Refuses to continue a run that was started with other options.
-
-    Raises:
-        ResumeMismatch: naming each option with its recorded and its new value.
-    """
-    checkpoints = os.path.join(run_dir, rundir.CHECKPOINTS)
-    if resolved.overwrite or not (os.path.isfile(os.path.join(
-            checkpoints, rundir.CHECKPOINT_STATE)) or rundir.checkpoint_files(checkpoints)):
-        return
-    old = rundir.read_config(run_dir)
-    conflicts = resume_conflicts(old or {}, resolved)
-    if conflicts:
-        raise ResumeMismatch(
-            f"model_dir {run_dir} holds a run started with other options "
-            f"({'; '.join(conflicts)}); pass the options it was started with to resume it "
-            "(only epochs may change), overwrite=True to start again, or another model_dir")
-
-
-def check_data_unchanged(run_dir: str, previous: dict, resolved: ResolvedConfig) -> None:
-    """Refuses to resume a run on data other than the data it started on: the validation
-    images carved from it would move, and images it trained on would become validation
-    images.
-
-    Raises:
-        ResumeMismatch: naming what changed (images added, removed, changed per class).
-    """
-    change = lineage.data_change(run_dir, previous.get("data"), resolved.dataset,
-                                 resolved.data_dir)
-    if change:
-        raise ResumeMismatch(
-            f"the {resolved.dataset} data changed since the run in {run_dir} started "
-            f"({change}); restore it to resume, or pass overwrite=True to start again on it, "
-            "or choose another model_dir")
+    return f"from {layout.CHECKPOINTS}/{state['weights']}, which is intact"
 
 
 def _train(resolved, strategy, run_dir, *, chief, start, stop):
@@ -206,8 +132,8 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     if chief:
         partial = {"model": resolved.model, "model_options": resolved.model_options,
                    "image_size": resolved.image_size}
-        rundir.check_model_dir(run_dir, partial, overwrite=resolved.overwrite)
-        check_resume(run_dir, resolved)
+        layout.check_model_dir(run_dir, partial, overwrite=resolved.overwrite)
+        checkpoints.check_resume(run_dir, resolved)
 
     machine.set_random_seed(resolved.seed)
     bundle = load_bundle(resolved)
@@ -215,13 +141,13 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     record = resolved.to_dict()
     record["num_classes"] = num_classes
     if chief:
-        rundir.check_model_dir(run_dir, {k: record[k] for k in rundir.IDENTITY_KEYS},
+        layout.check_model_dir(run_dir, {k: record[k] for k in layout.IDENTITY_KEYS},
                                overwrite=False)
-    state = rundir.read_checkpoint_state(run_dir)
-    previous = rundir.read_config(run_dir) if state is not None else None
+    state = checkpoints.read_checkpoint_state(run_dir)
+    previous = layout.read_config(run_dir) if state is not None else None
     data = sources.fingerprint(resolved.dataset, resolved.data_dir)
     if previous is not None:
-        check_data_unchanged(run_dir, previous, resolved)
+        checkpoints.check_data_unchanged(run_dir, previous, resolved)
 
     gpus = machine.accelerator()
     gpu = gpus is not None
@@ -271,11 +197,11 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     if chief:
         # Written once the model is known to build, so bad options leave no run behind.
         lineage.adopt(run_dir)
-        safe_writes.write_json(os.path.join(run_dir, rundir.CONFIG), record, sort_keys=True)
-        safe_writes.write_atomic(os.path.join(run_dir, rundir.LABELS),
+        safe_writes.write_json(os.path.join(run_dir, layout.CONFIG), record, sort_keys=True)
+        safe_writes.write_atomic(os.path.join(run_dir, layout.LABELS),
                                  "\n".join(bundle.class_names) + "\n")
         if data.files:
-            rundir.write_data_files(run_dir, data.files)
+            layout.write_data_files(run_dir, data.files)
 
     state = state or {"epoch": 0, "step": 0, "history": [], "best_val_accuracy": -1.0}
     state["wall_time_before_s"] = state.get("wall_time_s", 0.0)
@@ -288,7 +214,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     if resumed:
         at = f", step {step}/{steps}" if step else ""
         print(f"resuming {run_dir} after epoch {done}/{epochs}{at} from "
-              f"{rundir.CHECKPOINTS}/{state['weights']}", flush=True)
+              f"{layout.CHECKPOINTS}/{state['weights']}", flush=True)
     freeze = resolved.freeze_backbone_epochs
     phases = [(0, freeze, True), (freeze, epochs, False)] if freeze else [(0, epochs, False)]
     # A checkpoint is restored into the phase (head-only or whole network) that saved it,
@@ -350,9 +276,9 @@ def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, pha
     if monitor.bad_step is not None:
         bad_epoch, bad_batch = monitor.bad_step
         # A checkpoint of the very weights that gave the loss is no good to resume from.
-        discarded = state.get("weights") == rundir.checkpoint_name(bad_epoch, bad_batch)
+        discarded = state.get("weights") == layout.checkpoint_name(bad_epoch, bad_batch)
         if discarded:
-            rundir.discard_newest_checkpoint(run_dir, state, write=chief)
+            checkpoints.discard_newest_checkpoint(run_dir, state, write=chief)
         where = (f"the validation loss became NaN or infinite after epoch {bad_epoch + 1}"
                  if monitor.bad_in_validation else
                  f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step "
@@ -360,13 +286,13 @@ def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, pha
         # A folder with a checkpoint resumes only with the options it was started with.
         if state.get("weights"):
             kept = (f"the last good checkpoint ({state['weights']}) is kept in "
-                    f"{run_dir}/{rundir.CHECKPOINTS}; start again with a lower learning_rate "
+                    f"{run_dir}/{layout.CHECKPOINTS}; start again with a lower learning_rate "
                     "(overwrite=True or another model_dir) or check the data")
-        elif discarded and os.path.isfile(os.path.join(run_dir, rundir.MODEL)):
+        elif discarded and os.path.isfile(os.path.join(run_dir, layout.MODEL)):
             # A run that had finished before it was extended: its model is not trained over
             # unless asked.
             kept = (f"the only checkpoint kept held the weights that gave it and was deleted; "
-                    f"the finished {rundir.MODEL} stays, so start again with overwrite=True and "
+                    f"the finished {layout.MODEL} stays, so start again with overwrite=True and "
                     "a lower learning_rate, or check the data")
         elif discarded:
             kept = ("the only checkpoint kept held the weights that gave it and was deleted, "
@@ -406,7 +332,7 @@ def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, ch
     # Keras' TensorBoard callback writes through tf.summary: TensorFlow backend only.
     if chief and keras.config.backend() == "tensorflow":
         tensorboard = keras.callbacks.TensorBoard(
-            os.path.join(run_dir, rundir.LOGS), write_graph=False, profile_batch=0)
+            os.path.join(run_dir, layout.LOGS), write_graph=False, profile_batch=0)
         fit_callbacks.append(tensorboard)
     # The training stream from ``begin`` continues exactly where earlier steps left it.
     data_epoch, offset = divmod(begin * steps + first_step,
@@ -436,13 +362,13 @@ def report_stale(run_dir: str) -> list[str]:
     stale = lineage.stale_files(run_dir)
     if stale:
         commands = lineage.rebuild_commands(run_dir, stale)
-        print(f"stale: {', '.join(stale)} were made from an earlier {rundir.MODEL}; rebuild "
+        print(f"stale: {', '.join(stale)} were made from an earlier {layout.MODEL}; rebuild "
               f"them with `{'` and `'.join(commands)}`", flush=True)
     return stale
 
 
 def _restore(model, optimizer, run_dir, state):
-    path = rundir.checkpoint_path(run_dir, state)
+    path = checkpoints.checkpoint_path(run_dir, state)
     optimizer.build(model.trainable_variables)  # optimizer slots must exist to be loaded
     try:
         model.load_weights(path)
@@ -488,14 +414,14 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief, aver
                        ema_val_accuracy=last.get("ema_val_accuracy"))
     if not chief:
         return metrics
-    network.save_model(model, twin, os.path.join(run_dir, rundir.MODEL))
-    safe_writes.write_json(os.path.join(run_dir, rundir.METRICS), metrics)
-    rundir.write_history(run_dir, history)
-    digest = (rundir.read_config(run_dir) or {}).get("data", {}).get("digest")
-    lineage.record(run_dir, [rundir.LABELS, rundir.MODEL, rundir.BEST], by="train",
+    network.save_model(model, twin, os.path.join(run_dir, layout.MODEL))
+    safe_writes.write_json(os.path.join(run_dir, layout.METRICS), metrics)
+    checkpoints.write_history(run_dir, history)
+    digest = (layout.read_config(run_dir) or {}).get("data", {}).get("digest")
+    lineage.record(run_dir, [layout.LABELS, layout.MODEL, layout.BEST], by="train",
                    data=digest)
     report_stale(run_dir)
     if history:
-        callbacks.plot_curves(history, os.path.join(run_dir, rundir.CURVES),
+        callbacks.plot_curves(history, os.path.join(run_dir, layout.CURVES),
                               f"{resolved.model} on {resolved.dataset}")
     return metrics

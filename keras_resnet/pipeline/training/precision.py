@@ -14,7 +14,7 @@ machine would decide otherwise, so that moving a run to another machine never ch
 arithmetic half-way.
 
 Only the computation changes: variables stay float32 under either mixed policy, and every
-saved ``.keras`` file holds a float32 model (see :func:`keras_resnet.pipeline.training.
+saved ``.keras`` file holds a float32 model (see :func:`keras_resnet.pipeline.training.loop.
 save_model`), so QAT and export see what they always saw.
 
 Example:
@@ -28,8 +28,8 @@ import functools
 import logging
 import platform
 
-from keras_resnet.pipeline.config import AUTO_BOOL
 from keras_resnet.pipeline.errors import UserError, choose
+from keras_resnet.pipeline.run.config import AUTO_BOOL
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ family is handled here:
 
 * BatchNormalization that does not directly follow a linear Conv2D (pre-activation
   ResNets, Wide ResNets) is first folded into an exact 1x1 depthwise conv
-  (:mod:`~keras_resnet.pipeline.bn_folding`);
+  (:mod:`~keras_resnet.pipeline.quantization.bn_folding`);
 * ``Multiply`` of squeeze-and-excitation and ``Rescaling`` of ``residual_scale`` get
   :func:`output_quantize_config` (quantize the output only).
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
-from keras_resnet.pipeline.bn_folding import fold_standalone_batch_norm
 from keras_resnet.pipeline.errors import QuantizeError, first_line
+from keras_resnet.pipeline.quantization.bn_folding import fold_standalone_batch_norm
 
 # ----------------------------------------------------------------------------------------
 # Which layers need a custom QuantizeConfig, and which variants cannot be quantized.

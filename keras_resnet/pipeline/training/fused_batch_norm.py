@@ -15,7 +15,7 @@ order: checkpoints of a model built with it load into the stock model and back.
 
 Training builds its model inside :func:`fused_layers`; before anything is saved as
 ``.keras`` the weights go into a stock float32 twin (see
-:func:`keras_resnet.pipeline.training.save_model`), so no artefact holds this class.
+:func:`keras_resnet.pipeline.training.network.save_model`), so no artefact holds this class.
 
 Where the kernel does not apply, the stock computation runs: other backends, inputs that
 are not 4-D channels-last, masks, ``renorm``, and ``synchronized=True`` (cross-replica
@@ -30,7 +30,7 @@ import contextlib
 import keras
 
 from keras_resnet import blocks
-from keras_resnet.pipeline import machine
+from keras_resnet.pipeline.training import machine
 
 # cuDNN refuses epsilon below 1e-5; TensorFlow's own wrapper raises it to this value.
 _CUDNN_MIN_EPSILON = 1.001e-5

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -40,12 +41,15 @@ import tempfile
 import types
 from collections.abc import Sequence
 
+import numpy as np
+
 from keras_resnet.pipeline.errors import MetadataError, first_line
+from keras_resnet.pipeline.run import layout
 
 NAME = "keras_resnet image classifier"
 AUTHOR = "keras_resnet"
 LICENSE = "Apache-2.0"
-LABELS_FILE = "labels.txt"
+LABELS_FILE = layout.LABELS  # the associated file holding the class names
 METADATA_NAME = "TFLITE_METADATA"  # the flatbuffer's metadata entry of model metadata
 _VERSION_MODULE = "mediapipe.tasks.cc.metadata.python._pywrap_metadata_version"
 _INSTALL_HINT = ("TFLite metadata needs MediaPipe: pip install --no-deps -c constraints.txt "
@@ -152,7 +156,7 @@ def attach(content: bytes, *, labels: Sequence[str], variant: str, description: 
     from mediapipe.tasks.python.metadata.metadata_writers import metadata_info
 
     import keras_resnet
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     audit = tflite.inspect(content)
     labels = [str(name) for name in labels]
@@ -207,7 +211,7 @@ def read(content: bytes) -> dict:
         ``{"metadata": <the metadata as a dict>, "associated_files": [names],
         "labels": [class names] or None}``; ``metadata`` is None for a file without.
     """
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     if METADATA_NAME not in tflite.inspect(content).metadata:
         return {"metadata": None, "associated_files": [], "labels": None}
@@ -300,3 +304,48 @@ def describe_run(run, mode: str) -> str:
         data = f"the image folder {os.path.basename(os.path.normpath(config['data_dir']))}"
     return (f"{what}, trained on {data} ({run.num_classes} classes, {run.image_size}x"
             f"{run.image_size} RGB input, raw 0..255 pixels); outputs class probabilities")
+
+
+def handoff(content: bytes, *, model_file: str, labels_file: str = layout.LABELS,
+            variant: str | None = None, top1: float | None = None,
+            images: int | None = None, made_from: dict[str, str] | None = None) -> dict:
+    """The hand-off file for apps that do not read metadata: layout, dtypes and
+    quantization, and (``made_from``) the sha256 of the file and of what it was made from.
+
+    Normalisation is inside the model, so the app feeds raw 0..255 RGB pixels.
+    """
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
+
+    runtime = LiteRTModel(content)
+
+    def tensor(details, kind):
+        entry = {"shape": [int(d) for d in details["shape"]],
+                 "dtype": np.dtype(details["dtype"]).name}
+        if details["dtype"] != np.float32:
+            scale, zero = details["quantization"]
+            entry["quantization"] = {"scale": float(scale), "zero_point": int(zero)}
+        entry.update(kind)
+        return entry
+
+    result = {
+        "model": model_file,
+        "labels": labels_file,
+        "metadata": "TFLite model metadata inside the file: labels, normalisation, "
+                    "description (MediaPipe Tasks reads it)",
+        "input": tensor(runtime.input, {
+            "layout": "NHWC", "color": "RGB", "range": [0, 255],
+            "normalization": "inside the model: feed raw 0..255 RGB pixels, no mean/std",
+        }),
+        "output": tensor(runtime.output, {
+            "meaning": "class probabilities (softmax) in labels.txt order",
+        }),
+    }
+    if variant:
+        result["architecture"] = variant
+    if made_from:
+        result["made_from"] = made_from
+    if top1 is not None and not math.isnan(top1):
+        result["validation_top1"] = round(top1, 2)
+        if images:
+            result["validation_images"] = int(images)
+    return result

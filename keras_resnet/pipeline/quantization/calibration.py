@@ -14,9 +14,9 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from keras_resnet.pipeline import files, safe_writes
 from keras_resnet.pipeline.errors import QuantizeError, first_line
-from keras_resnet.pipeline.quantize_configs import quantize_scope
+from keras_resnet.pipeline.quantization.quantize_configs import quantize_scope
+from keras_resnet.pipeline.run import formats, safe_writes
 
 # The model takes raw 0..255 pixels; pinning the input range makes its int8 scale exactly 1,
 # so an 8-bit camera frame is the quantized input with no arithmetic.
@@ -246,7 +246,7 @@ def load_qat(path):
     path = Path(path)
     if not path.is_file():
         raise QuantizeError(f"{path} does not exist; run tools/qat.py first")
-    files.check_file_format(path, error=QuantizeError)
+    formats.check_file_format(path, error=QuantizeError)
     import tf_keras
 
     try:

@@ -3,7 +3,7 @@
 MediaPipe's Python package runs the same C++ task graph as its Android library. The
 classifier is created from the file alone, with no options: it takes the input
 normalisation and the class names from the file's metadata
-(:mod:`~keras_resnet.pipeline.metadata`), so a file that works here works in the app's
+(:mod:`~keras_resnet.pipeline.deploy.metadata`), so a file that works here works in the app's
 ``ImageClassifier.createFromFile(context, "model.tflite")``.
 
 MediaPipe feeds uint8 input tensors the image's pixels as they are and float32 input
@@ -14,7 +14,7 @@ size is stretched to the model's input size.
 MediaPipe's native library links against libEGL.so.1 and libGLESv2.so.2, which slim
 Debian images (python:3.11-slim) lack; :func:`unavailable` says so in one line with the
 ``apt-get`` command, and tools and tests skip the MediaPipe steps there. Writing metadata
-(:mod:`~keras_resnet.pipeline.metadata`) needs no native code and works everywhere.
+(:mod:`~keras_resnet.pipeline.deploy.metadata`) needs no native code and works everywhere.
 
 Example:
     >>> classifier = MediaPipeClassifier("runs/r20/model_int8.tflite")
@@ -28,7 +28,8 @@ import re
 
 import numpy as np
 
-from keras_resnet.pipeline import metadata, native_logs, tflite
+from keras_resnet.pipeline import native_logs
+from keras_resnet.pipeline.deploy import metadata, tflite
 from keras_resnet.pipeline.errors import ExportError, first_line
 
 # The system libraries libmediapipe.so needs beyond glibc, and their Debian 12 packages

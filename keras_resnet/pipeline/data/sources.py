@@ -13,7 +13,7 @@ A source yields unbatched :class:`Split` elements ``(x, label)``; the pipelines 
 * ``digits``: scikit-learn's bundled 1,797 8x8 digits, upscaled, 3-channel 0..255 pixels.
   Every fifth image is the fixed ``test`` split; validation is carved from the rest.
 * any TFDS image-classification name, read from an already prepared ``data_dir``
-  (:mod:`keras_resnet.pipeline.tfds_sources`).
+  (:mod:`keras_resnet.pipeline.data.tfds_sources`).
 """
 
 from __future__ import annotations
@@ -25,37 +25,16 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from keras_resnet.pipeline.data.splits import Split
 from keras_resnet.pipeline.errors import DataError
-
-if TYPE_CHECKING:
-    import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
-AUTOTUNE = -1  # tf.data.AUTOTUNE; TensorFlow loads only where a tf.data split is made
-BUILTIN_DATASETS = ("folder", "digits", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DIGITS_TEST_EVERY = 5
-
-
-@dataclasses.dataclass
-class Split:
-    """Unbatched elements ``(x, label)`` of one split before preprocessing.
-
-    ``x`` is a file path (``files=True``) or a decoded uint8 image of any size.
-    """
-
-    elements: tf.data.Dataset
-    size: int
-    files: bool
-    flip: bool = True
-    # Datasets of tiny images (digits) keep CIFAR-style augmentation at any size.
-    small_style: bool | None = None
-    encoded_bytes: int = 0  # total file size, for the cache budget of large images
 
 
 def training_splits(dataset, data_dir, val_fraction, seed):
@@ -64,7 +43,7 @@ def training_splits(dataset, data_dir, val_fraction, seed):
         return _folder_splits(data_dir, val_fraction, seed)
     if dataset == "digits":
         return _digits_splits(val_fraction, seed)
-    from keras_resnet.pipeline import tfds_sources
+    from keras_resnet.pipeline.data import tfds_sources
 
     return tfds_sources.training_splits(dataset, data_dir, val_fraction, seed)
 
@@ -82,7 +61,7 @@ def named_split(dataset, data_dir, split, val_fraction, seed, class_names=None):
             return _digits_split(x, y), names, ()
         train, val, names, _ = _digits_splits(val_fraction, seed)
         return _pick(dataset, split, {"train": train, "val": val}), names, ()
-    from keras_resnet.pipeline import tfds_sources
+    from keras_resnet.pipeline.data import tfds_sources
 
     return tfds_sources.named_split(dataset, data_dir, split, val_fraction)
 
@@ -473,7 +452,7 @@ def fingerprint(dataset: str, data_dir: str | None) -> Fingerprint:
         return Fingerprint({"kind": "digits", "images": len(labels), "digest": digest})
     if dataset == "synthetic":
         return Fingerprint({"kind": "synthetic", "digest": "synthetic"})
-    from keras_resnet.pipeline import tfds_sources
+    from keras_resnet.pipeline.data import tfds_sources
 
     return Fingerprint(tfds_sources.fingerprint(dataset, data_dir))
 

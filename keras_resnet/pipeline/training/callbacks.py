@@ -10,25 +10,27 @@ import time
 
 import keras
 
-from keras_resnet.pipeline import optimization, rundir, safe_writes
 from keras_resnet.pipeline.errors import Interrupted
+from keras_resnet.pipeline.run import checkpoints, layout, safe_writes
+from keras_resnet.pipeline.training import optimization
 
 
 class RunMonitor(keras.callbacks.Callback):
     """Per-step and per-epoch bookkeeping: NaN guard, stop requests, mid-epoch and epoch
     checkpoints, best model, history and the progress line.
 
-    Checkpoints (weights and optimizer state, see :func:`rundir.save_checkpoint`) are
+    Checkpoints (weights and optimizer state, see :func:`checkpoints.save_checkpoint`) are
     written at every epoch end, every ``checkpoint_every`` steps within an epoch (0: never),
-    and when ``stop`` (a :class:`~keras_resnet.pipeline.preemption.StopRequest`) records a
+    and when ``stop`` (a :class:`~keras_resnet.pipeline.run.preemption.StopRequest`) records a
     signal: then the step that ran finishes, the checkpoint is written and
     :class:`~keras_resnet.pipeline.errors.Interrupted` stops the run (at an epoch's last
     step, after that epoch's validation and checkpoint). ``agree(flag)`` makes every
     worker of a multi-worker run take the same decision (any worker's signal stops all).
     The best model is written by ``save_model(path)``; where the weight average scored
     higher, with the BatchNormalization statistics :class:`AverageScore` scored it with
-    (``average_bn``: the same :class:`~keras_resnet.pipeline.optimization.AverageBNStatistics`,
-    which reuses that estimate, or batches; None: the running ones).
+    (``average_bn``: the same
+    :class:`~keras_resnet.pipeline.training.optimization.AverageBNStatistics`, which reuses
+    that estimate, or batches; None: the running ones).
 
     ``first_step`` is the step the first epoch of this ``fit`` starts at (a resumed
     mid-epoch checkpoint); that epoch then runs ``steps_per_epoch - first_step`` steps.
@@ -132,7 +134,7 @@ class RunMonitor(keras.callbacks.Callback):
             if self.chief:
                 with (optimization.swapped_average(self.model, self.average_bn) if average
                       else contextlib.nullcontext()):
-                    self.save_model(os.path.join(self.run_dir, rundir.BEST))
+                    self.save_model(os.path.join(self.run_dir, layout.BEST))
         self._save_checkpoint(epoch=epoch + 1, step=0)
         print(epoch_line(row, self.total_epochs), flush=True)
         if self.signum:
@@ -142,7 +144,7 @@ class RunMonitor(keras.callbacks.Callback):
         self.state.update(epoch=epoch, step=step, phase=self.phase, wall_time_s=self.state.get(
             "wall_time_before_s", 0.0) + (time.perf_counter() - self.start_time))
         if self.chief:
-            rundir.save_checkpoint(self.run_dir, self.model.save_weights, self.state,
+            checkpoints.save_checkpoint(self.run_dir, self.model.save_weights, self.state,
                                    keep=self.keep, needed=self._checkpoint_bytes())
 
     def _checkpoint_bytes(self):

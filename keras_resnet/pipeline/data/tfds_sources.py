@@ -3,7 +3,7 @@
 Nothing is downloaded (offline, ``download_and_prepare`` hangs for minutes before failing):
 a dataset that is not prepared is one :class:`~keras_resnet.pipeline.errors.DataError`
 saying how to prepare it. Without a validation split, the tail ``val_fraction`` of train
-is carved off (TFDS stores records shuffled). :mod:`keras_resnet.pipeline.sources` loads
+is carved off (TFDS stores records shuffled). :mod:`keras_resnet.pipeline.data.sources` loads
 this module only for TFDS datasets.
 """
 
@@ -18,8 +18,8 @@ import re
 
 import tensorflow as tf
 
+from keras_resnet.pipeline.data.splits import AUTOTUNE, BUILTIN_DATASETS, Split
 from keras_resnet.pipeline.errors import DataError
-from keras_resnet.pipeline.sources import AUTOTUNE, BUILTIN_DATASETS, Split
 
 
 def _builder(name, data_dir):

@@ -1,13 +1,13 @@
-"""tf.data input pipelines over the sources of :mod:`keras_resnet.pipeline.sources`.
+"""tf.data input pipelines over the sources of :mod:`keras_resnet.pipeline.data.sources`.
 
 Every pipeline yields batches of ``(images, labels)``: float32 images holding raw 0..255 RGB
 pixels (models built with ``include_preprocessing=True`` normalise inside the graph, so an
 exported model takes exactly these pixels) and int32 labels in ``class_names`` order.
 
 Datasets (the ``dataset`` argument): any prepared TFDS image-classification name,
-``folder``, ``digits`` (see :mod:`~keras_resnet.pipeline.sources`) and ``synthetic``
+``folder``, ``digits`` (see :mod:`~keras_resnet.pipeline.data.sources`) and ``synthetic``
 (random pixels and labels, for throughput benchmarks). Training batches are shuffled and
-augmented (:mod:`~keras_resnet.pipeline.transforms`) as a pure function of ``seed``;
+augmented (:mod:`~keras_resnet.pipeline.data.transforms`) as a pure function of ``seed``;
 evaluation batches are deterministic.
 
 Example:
@@ -26,17 +26,17 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from keras_resnet.pipeline import sources, transforms
+from keras_resnet.pipeline.data import sources, transforms
+from keras_resnet.pipeline.data.splits import DEFAULT_CACHE_BUDGET_MB, Split
+from keras_resnet.pipeline.data.transforms import augmentation_style
 from keras_resnet.pipeline.errors import DataError
-from keras_resnet.pipeline.sources import Split
-from keras_resnet.pipeline.transforms import augmentation_style
 
 __all__ = ["DataBundle", "EvalData", "load_data", "eval_data", "augmentation_style",
            "synthetic_classes", "take", "DEFAULT_CACHE_BUDGET"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Decoded training data (and its shuffle buffer) is kept in memory up to this many bytes.
-DEFAULT_CACHE_BUDGET = 2 * 1024**3
+DEFAULT_CACHE_BUDGET = DEFAULT_CACHE_BUDGET_MB * 2**20
 # Shuffle buffer when the data is streamed (file lists are shuffled whole, so this only
 # mixes TFDS records, which TFDS already stores shuffled).
 STREAM_SHUFFLE_BUFFER = 10_000
@@ -143,7 +143,7 @@ def load_data(dataset: str, *, data_dir: str | None = None, image_size: int,
         seed: seeds the carving, the shuffling and the augmentation.
         augment: random crops and flips on ``train``; False gives the evaluation transform.
         cutout: side of the square Cutout erases from each augmented training image
-            (:func:`~keras_resnet.pipeline.transforms.cutout`); 0 for none.
+            (:func:`~keras_resnet.pipeline.data.transforms.cutout`); 0 for none.
         cache_budget: bytes of decoded training images that may be kept in memory.
         num_classes: classes of "synthetic" data (default 10 up to 64 pixels, else 1000).
 

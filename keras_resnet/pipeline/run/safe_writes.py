@@ -115,13 +115,15 @@ def guarded_write(path, tmp, *, needed: int | None = None):
         raise write_failure(path, code, needed) from None
 
 
-def write_atomic(path, text: str) -> None:
-    """Writes a text file so that readers see the old or the new content, never half."""
+def write_atomic(path, content: str | bytes) -> None:
+    """Writes a file (text or bytes) so that readers see the old or the new content, never
+    half: a temporary file, flushed to the disk, then renamed over ``path``."""
     path = os.fspath(path)
     tmp = f"{path}.tmp"
-    with guarded_write(path, tmp, needed=len(text.encode())):
-        with open(tmp, "w") as f:
-            f.write(text)
+    data = content.encode() if isinstance(content, str) else content
+    with guarded_write(path, tmp, needed=len(data)):
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -129,15 +131,6 @@ def write_atomic(path, text: str) -> None:
 
 def write_json(path, data: Any, *, sort_keys: bool = False) -> None:
     write_atomic(path, json.dumps(data, indent=1, sort_keys=sort_keys, default=str) + "\n")
-
-
-def write_bytes_atomic(path, content: bytes) -> None:
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    with guarded_write(path, tmp, needed=len(content)):
-        with open(tmp, "wb") as f:
-            f.write(content)
-        os.replace(tmp, path)
 
 
 def save_atomic(path, save, *, needed: int | None = None) -> None:
