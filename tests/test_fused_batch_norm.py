@@ -209,7 +209,7 @@ def test_save_model_writes_stock_float32_with_the_trained_state(tmp_path):
     resolved = config.resolve(config.TrainConfig(depth=8, dataset="synthetic", epochs=1))
     model = network.build_training_model(resolved, 10, policy="mixed_bfloat16")
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
-    twin = network.build_twin(resolved, 10)
+    twin = network.build_stock_model(resolved, 10)
     for m in (model, twin):
         m.get_layer("conv1_bn").trainable = False
         optimization.prepare_for_training(m, resolved, 10, steps_per_epoch=4)

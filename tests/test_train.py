@@ -33,7 +33,7 @@ import keras_resnet
 from keras_resnet import pipeline
 from keras_resnet.pipeline.run import checkpoints, lock, safe_writes
 from keras_resnet.pipeline.run import config as config_lib
-from keras_resnet.pipeline.training import distribute, network, optimization, precision
+from keras_resnet.pipeline.training import distribute, machine, network, optimization
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=8", "--dataset=digits", "--batch_size=32", "--verbose=false"]
@@ -467,7 +467,7 @@ def test_mixed_precision_true_without_native_bfloat16_is_refused(tmp_path, capsy
                                                                  monkeypatch):
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("with a GPU, mixed_precision=true is float16")
-    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(machine, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     status, _, err = cli(capsys, *TINY, "--mixed_precision=true",
                          f"--model_dir={tmp_path / 'run'}")
     assert status == 2 and err.strip() == (
@@ -480,7 +480,7 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog
     """auto picks bfloat16 where the CPU has it; every saved .keras file is float32 and
     holds stock layers; the checkpoint loads into a stock float32 model; the run resumed
     on a CPU without bfloat16 keeps its policy, with a warning."""
-    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(machine, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
     run = tmp_path / "run"
     metrics = pipeline.train(pipeline.TrainConfig(
         depth=8, dataset="digits", epochs=2, batch_size=32, steps_per_epoch=4,
@@ -506,7 +506,7 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog
     if gpu:
         return
     # Resumed on a CPU without native bfloat16, the run keeps the policy it started with.
-    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(machine, "host_cpu_flags", lambda: frozenset({"avx2"}))
     with caplog.at_level(logging.WARNING, logger="keras_resnet"):
         pipeline.train(pipeline.TrainConfig(
             depth=8, dataset="digits", epochs=3, batch_size=32, steps_per_epoch=4,

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 
+from keras_resnet.benchmark.errors import BenchmarkError
 from keras_resnet.benchmark.protocol import parse_task, random_images, random_labels
 from keras_resnet.benchmark.report import version
-from keras_resnet.pipeline.errors import BenchmarkError, first_line
+from keras_resnet.pipeline.errors import first_line
 
 # keras_resnet variants that keras.applications also builds.
 APPLICATIONS = {"resnet50": "ResNet50", "resnet101": "ResNet101", "resnet152": "ResNet152"}

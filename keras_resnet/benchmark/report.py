@@ -13,7 +13,7 @@ import json
 import os
 import platform
 
-from keras_resnet.pipeline.training.precision import bf16_flags, cpu_model, host_cpu_flags
+from keras_resnet.pipeline.training.machine import bf16_flags, cpu_model, host_cpu_flags
 
 
 def version(dist: str) -> str | None:

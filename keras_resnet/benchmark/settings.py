@@ -14,7 +14,8 @@ import types
 import typing
 from pathlib import Path
 
-from keras_resnet.pipeline.errors import BenchmarkError, choose
+from keras_resnet.benchmark.errors import BenchmarkError
+from keras_resnet.pipeline.errors import choose
 from keras_resnet.pipeline.run.config import AUTO_BOOL
 
 # The source checkout: tools/train.py and the shared datasets next to it.

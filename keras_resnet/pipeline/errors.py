@@ -14,7 +14,7 @@ from collections.abc import Iterable
 __all__ = [
     "UserError", "DataError", "RunDirError", "RunLocked", "ResumeMismatch", "TrainingStopped",
     "WriteError", "Interrupted",
-    "QuantizeError", "ExportError", "MetadataError", "BenchmarkError", "first_line", "choose",
+    "QuantizeError", "ExportError", "MetadataError", "first_line", "choose",
     "at_least", "positive", "fraction", "as_flags",
 ]
 
@@ -70,10 +70,6 @@ class ExportError(UserError):
 
 class MetadataError(ExportError):
     """TFLite metadata that cannot be written or read (labels, normalisation)."""
-
-
-class BenchmarkError(UserError):
-    """A benchmark request that cannot be measured."""
 
 
 def first_line(error: BaseException, *, limit: int = 300) -> str:

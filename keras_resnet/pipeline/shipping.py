@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from keras_resnet.pipeline.deploy import scoring
 from keras_resnet.pipeline.errors import UserError, choose
 from keras_resnet.pipeline.run import config as config_lib
 from keras_resnet.pipeline.run import layout, lineage, reader, safe_writes
+from keras_resnet.pipeline.training import machine
 
 DTYPES = ("auto", "float16", "float32")
 # Storage may move validation top-1 by at most this much (0.05 point): float16 halves the
@@ -55,7 +55,6 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
     """
     import keras
 
-    import keras_resnet
     from keras_resnet import weights as weights_lib
 
     choose("dtype", dtype, DTYPES)
@@ -74,9 +73,8 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
     size = run.image_size
 
     def build():
-        return keras_resnet.resnet(**run.architecture, classes=run.num_classes,
-                                   input_shape=(size, size, 3), include_preprocessing=True,
-                                   **run.model_options)
+        return config_lib.build_network(run.config, classes=run.num_classes,
+                                        classifier_activation="softmax")
 
     net = build()
     weights_lib.transfer_weights(model, net)
@@ -132,7 +130,7 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
         "accuracy": {"float": _stored_accuracy(stored, val, path), **accuracy(run)},
         "tflite": export_rows(export),
         "metrics": metrics or None,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine.host_description(),
         "versions": config.get("versions"), "keras": keras.__version__,
     }
     safe_writes.write_json(out_dir / f"{run.variant}_{name}.json", card)

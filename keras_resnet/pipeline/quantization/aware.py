@@ -32,7 +32,7 @@ from keras_resnet.pipeline.errors import QuantizeError, at_least, choose, first_
 from keras_resnet.pipeline.quantization import calibration
 from keras_resnet.pipeline.quantization.quantize_configs import check_variant, quantize_model
 from keras_resnet.pipeline.run import layout, lineage, lock, reader, safe_writes
-from keras_resnet.pipeline.run.config import AUTO_BOOL
+from keras_resnet.pipeline.run.config import AUTO_BOOL, build_network
 
 # Probabilities of the twin must match the Keras 3 model's up to float32 rounding through
 # ~100 layers; a wrong weight or layer order shows up as differences of order 0.1.
@@ -71,10 +71,8 @@ def build_twin(run: reader.Run, model, *, sample: np.ndarray | None = None):
     source = run.path / layout.MODEL
     try:
         with keras_resnet.layer_library(tf_keras):
-            logits = keras_resnet.resnet(
-                **run.architecture, classes=run.num_classes, input_shape=input_shape,
-                include_preprocessing=True, classifier_activation=None,
-                **run.model_options)
+            logits = build_network(run.config, classes=run.num_classes,
+                                   input_shape=input_shape)
         # A separate softmax layer: fine-tuning trains on the logits before it, where the
         # int8 output's 1/256 steps do not cut the gradient of confident mistakes.
         twin = tf_keras.Model(logits.inputs, tf_keras.layers.Activation(

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from keras_resnet import configs
@@ -276,13 +277,43 @@ class ResolvedConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @property
-    def architecture_arg(self) -> dict[str, Any]:
-        """The ``keras_resnet.resnet()`` argument naming the architecture.
 
-        Depths outside the variant table (e.g. 8 or 14) exist only through ``depth=``.
-        """
-        return {"depth": self.depth} if self.depth is not None else {"variant": self.model}
+def architecture_arg(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``keras_resnet.resnet()`` argument naming the architecture of a run's options
+    (a :class:`ResolvedConfig`'s ``to_dict()`` or a run's config.json): ``depth=`` where the
+    run gave a depth (depths outside the variant table, e.g. 8 or 14, exist only so), else
+    ``variant=``."""
+    depth = values.get("depth")
+    return {"depth": int(depth)} if depth is not None else {"variant": values["model"]}
+
+
+def build_network(values: Mapping[str, Any], *, classes: int, image_size: int | None = None,
+                  classifier_activation=None, **options):
+    """The network a run's options describe, the one builder of every copy of a run's model
+    (training, saving, checking a saved model, the tf_keras twin of QAT, shipped weights).
+
+    Args:
+        values: the run's options: a :class:`ResolvedConfig`'s ``to_dict()`` or config.json
+            (``depth`` or ``model``, ``model_options``, ``image_size``).
+        classes: the classifier's classes.
+        image_size: the input side (default: the run's).
+        classifier_activation: None (logits, as runs train and save) or "softmax".
+        options: further ``keras_resnet.resnet()`` arguments (``input_shape``,
+            ``include_top``, ``include_preprocessing``, ...).
+
+    The input takes raw 0..255 pixels (``include_preprocessing=True`` unless given).
+    Inside ``keras_resnet.layer_library(tf_keras)`` it builds the tf_keras copy.
+    """
+    import keras_resnet
+
+    size = image_size or int(values["image_size"])
+    # JSON has no tuples; ResNetConfig fields such as depths are tuples.
+    model_options = {k: tuple(v) if isinstance(v, list) else v
+                     for k, v in (values.get("model_options") or {}).items()}
+    arguments = {"input_shape": (size, size, 3), "include_preprocessing": True,
+                 "classifier_activation": classifier_activation, **options}
+    return keras_resnet.resnet(**architecture_arg(values), classes=classes, **arguments,
+                               **model_options)
 
 
 def resolve(config: TrainConfig) -> ResolvedConfig:

@@ -40,18 +40,6 @@ class Run:
         return self.config["model"]
 
     @property
-    def architecture(self) -> dict:
-        """The ``resnet()`` argument naming the architecture, as the run built it."""
-        depth = self.config.get("depth")
-        return {"depth": int(depth)} if depth is not None else {"variant": self.variant}
-
-    @property
-    def model_options(self) -> dict:
-        options = dict(self.config.get("model_options") or {})
-        # JSON has no tuples; ResNetConfig fields such as depths are tuples.
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-
-    @property
     def num_classes(self) -> int:
         return int(self.config["num_classes"])
 
@@ -147,7 +135,6 @@ def load_model(run: Run):
     """
     import keras
 
-    import keras_resnet
     from keras_resnet import weights as weights_lib
     from keras_resnet.pipeline.errors import first_line
     from keras_resnet.pipeline.run.formats import check_file_format
@@ -160,10 +147,8 @@ def load_model(run: Run):
         raise RunDirError(f"{path} cannot be loaded as a Keras model ({first_line(e)})") \
             from None
     try:
-        reference = keras_resnet.resnet(
-            **run.architecture, classes=run.num_classes,
-            input_shape=tuple(model.input_shape[1:]), include_preprocessing=True,
-            classifier_activation=None, **run.model_options)
+        reference = config_lib.build_network(run.config, classes=run.num_classes,
+                                             input_shape=tuple(model.input_shape[1:]))
     except (ValueError, TypeError) as e:
         raise RunDirError(f"{run.path / CONFIG} describes no ResNet this package builds "
                           f"({first_line(e)})") from None

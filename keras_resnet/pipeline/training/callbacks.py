@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import keras
 
@@ -15,13 +18,47 @@ from keras_resnet.pipeline.run import checkpoints, layout, safe_writes
 from keras_resnet.pipeline.training import optimization
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What the monitor of a run knows of it, the same for every ``fit`` of the run.
+
+    Attributes:
+        run_dir: the run folder.
+        chief: whether this process writes the run folder (one worker of a cluster does).
+        batch_size: the global batch size.
+        steps_per_epoch: steps in one epoch.
+        keep: checkpoints kept.
+        total_epochs: the epochs the run ends after.
+        start_time: ``time.perf_counter()`` when this process started the run.
+        save_model: writes the model to a path (the best model).
+        checkpoint_every: steps between mid-epoch checkpoints (0: epoch ends only).
+        stop: the run's :class:`~keras_resnet.pipeline.run.preemption.StopRequest`.
+        agree: makes every worker of a cluster take the same decision (default: alone).
+        average_bn: BatchNormalization statistics of the weight average, or None.
+    """
+
+    run_dir: str
+    chief: bool
+    batch_size: int
+    steps_per_epoch: int
+    keep: int
+    total_epochs: int
+    start_time: float
+    save_model: Callable[[str], None]
+    checkpoint_every: int = 0
+    stop: Any = None
+    agree: Callable[[int], int] | None = None
+    average_bn: Any = None
+
+
 class RunMonitor(keras.callbacks.Callback):
     """Per-step and per-epoch bookkeeping: NaN guard, stop requests, mid-epoch and epoch
     checkpoints, best model, history and the progress line.
 
-    Checkpoints (weights and optimizer state, see :func:`checkpoints.save_checkpoint`) are
-    written at every epoch end, every ``checkpoint_every`` steps within an epoch (0: never),
-    and when ``stop`` (a :class:`~keras_resnet.pipeline.run.preemption.StopRequest`) records a
+    Checkpoints (weights and optimizer state, see
+    :func:`~keras_resnet.pipeline.run.checkpoints.save_checkpoint`) are written at every
+    epoch end, every ``checkpoint_every`` steps within an epoch (0: never), and when
+    ``stop`` (a :class:`~keras_resnet.pipeline.run.preemption.StopRequest`) records a
     signal: then the step that ran finishes, the checkpoint is written and
     :class:`~keras_resnet.pipeline.errors.Interrupted` stops the run (at an epoch's last
     step, after that epoch's validation and checkpoint). ``agree(flag)`` makes every
@@ -30,31 +67,30 @@ class RunMonitor(keras.callbacks.Callback):
     higher, with the BatchNormalization statistics :class:`AverageScore` scored it with
     (``average_bn``: the same
     :class:`~keras_resnet.pipeline.training.optimization.AverageBNStatistics`, which reuses
-    that estimate, or batches; None: the running ones).
+    that estimate, or batches; None: the running ones). Those settings are the run's
+    (:class:`RunSettings`); ``state`` is the run state the checkpoints record.
 
     ``first_step`` is the step the first epoch of this ``fit`` starts at (a resumed
     mid-epoch checkpoint); that epoch then runs ``steps_per_epoch - first_step`` steps.
     """
 
-    def __init__(self, *, run_dir, chief, state, phase, batch_size, steps_per_epoch,
-                 keep, total_epochs, start_time, save_model, checkpoint_every=0,
-                 first_step=0, stop=None, agree=None, average_bn=None):
+    def __init__(self, run: RunSettings, *, state, phase, first_step=0):
         super().__init__()
-        self.save_model = save_model
-        self.average_bn = average_bn
-        self.run_dir = run_dir
-        self.chief = chief
+        self.save_model = run.save_model
+        self.average_bn = run.average_bn
+        self.run_dir = run.run_dir
+        self.chief = run.chief
         self.state = state
         self.phase = phase
-        self.batch_size = batch_size
-        self.steps = steps_per_epoch
-        self.keep = keep
-        self.total_epochs = total_epochs
-        self.start_time = start_time
-        self.checkpoint_every = checkpoint_every
+        self.batch_size = run.batch_size
+        self.steps = run.steps_per_epoch
+        self.keep = run.keep
+        self.total_epochs = run.total_epochs
+        self.start_time = run.start_time
+        self.checkpoint_every = run.checkpoint_every
         self.first_step = first_step
-        self.stop = stop
-        self.agree = agree or (lambda signum: signum)
+        self.stop = run.stop
+        self.agree = run.agree or (lambda signum: signum)
         # Where the weights stood whose loss was not finite: (epoch, steps into it); the
         # loss was the training loss of that step, or with ``bad_in_validation`` the
         # validation loss after the epoch's last step.

@@ -14,7 +14,7 @@ name is the stock layer's, because Keras keys ``.weights.h5`` entries by class n
 order: checkpoints of a model built with it load into the stock model and back.
 
 Training builds its model inside :func:`fused_layers`; before anything is saved as
-``.keras`` the weights go into a stock float32 twin (see
+``.keras`` the weights go into a stock float32 model (see
 :func:`keras_resnet.pipeline.training.network.save_model`), so no artefact holds this class.
 
 Where the kernel does not apply, the stock computation runs: other backends, inputs that

@@ -24,12 +24,14 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -45,6 +47,7 @@ from keras_resnet.pipeline.errors import (
 )
 from keras_resnet.pipeline.run import checkpoints, layout, lineage, lock, preemption, safe_writes
 from keras_resnet.pipeline.run.config import (
+    ResolvedConfig,
     TrainConfig,
     checkpoint_interval,
     resolve,
@@ -163,8 +166,8 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "replicas": replicas, "per_replica_batch_size": batch // replicas,
         "strategy_resolved": distribute.strategy_name(strategy),
         "mixed_precision_resolved": policy != "float32", "dtype_policy": policy,
-        "accelerator": gpus, "cpu": precision.cpu_model(), "cpus": os.cpu_count(),
-        "cpu_bf16_flags": list(precision.bf16_flags(precision.host_cpu_flags())),
+        "accelerator": gpus, "cpu": machine.cpu_model(), "cpus": os.cpu_count(),
+        "cpu_bf16_flags": list(machine.bf16_flags(machine.host_cpu_flags())),
         "fused_batch_norm_resolved": resolved.fused_batch_norm and (
             keras.config.backend() == "tensorflow"),
         "jit_compile_resolved": jit,
@@ -189,11 +192,10 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         original = {layer.name: layer.trainable for layer in model.layers}
         if distribute.is_multiworker(strategy):
             distribute.patch_for_multiworker(model, strategy)
-        if resolved.optimizer != "adamw":
-            optimization.add_weight_decay(model, resolved.weight_decay)
-    # Saved models go through a stock float32 twin (outside the strategy: only the chief
+        optimization.apply_weight_decay(model, resolved)
+    # Saved models go through a stock float32 model (outside the strategy: only the chief
     # writes them).
-    twin = network.build_twin(resolved, num_classes) if chief else None
+    stock = network.build_stock_model(resolved, num_classes) if chief else None
     if chief:
         # Written once the model is known to build, so bad options leave no run behind.
         lineage.adopt(run_dir)
@@ -221,6 +223,14 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
     # because its optimizer state covers that phase's trainable variables.
     ckpt_phase = min(state.get("phase", 0), len(phases) - 1) if resumed else -1
     verbose = 1 if truthy(resolved.verbose, sys.stdout.isatty()) else 0
+    fit = Fit(model=model, resolved=resolved, bundle=bundle, val_ds=val_ds, one_hot=one_hot,
+              verbose=verbose, run=callbacks.RunSettings(
+                  run_dir=run_dir, chief=chief, batch_size=resolved.batch_size,
+                  steps_per_epoch=steps, keep=resolved.keep_checkpoints,
+                  total_epochs=resolved.epochs, start_time=start,
+                  save_model=functools.partial(network.save_model, model, stock),
+                  checkpoint_every=checkpoint_interval(resolved, steps), stop=stop,
+                  agree=distribute.agreement(strategy), average_bn=average_bn))
     iterations = 0
     for index, (first, last, head_only) in enumerate(phases):
         loading = index == ckpt_phase
@@ -237,48 +247,55 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
                 optimizer.iterations.assign(iterations)  # the schedule continues
                 if resolved.ema_decay:
                     optimization.start_average(model)
-        if twin is not None:
-            _set_trainable(twin, head_only, original, resolved.freeze_bn)
-            optimization.compile_model(twin, resolved,
+        if stock is not None:
+            _set_trainable(stock, head_only, original, resolved.freeze_bn)
+            optimization.compile_model(stock, resolved,
                                        optimization.make_optimizer(resolved, schedule),
                                        num_classes)
-            twin.optimizer.build(twin.trainable_variables)
+            stock.optimizer.build(stock.trainable_variables)
         begin = max(first, done)
         if begin < last:
-            _fit(model, resolved, bundle, val_ds, one_hot, state=state, run_dir=run_dir,
-                 chief=chief, phase=index, begin=begin, last=last, steps=steps,
-                 first_step=step if begin == done else 0, verbose=verbose, start=start,
-                 stop=stop, agree=distribute.agreement(strategy),
-                 save=functools.partial(network.save_model, model, twin),
-                 average_bn=average_bn)
+            _fit(fit, state, phase=index, begin=begin, last=last,
+                 first_step=step if begin == done else 0)
         iterations = int(keras.ops.convert_to_numpy(optimizer.iterations))
         done = max(done, last)
     _set_trainable(model, False, original, resolved.freeze_bn)
-    return _finish(model, twin, state, resolved, run_dir, start, bundle, chief=chief,
+    return _finish(model, stock, state, resolved, run_dir, start, bundle, chief=chief,
                    average_bn=average_bn)
 
 
-def _fit(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase, begin,
-         last, steps, first_step, verbose, start, stop, agree, save, average_bn):
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """What every ``fit`` of a run uses: the model, its options and data, and the monitor's
+    settings (:class:`~keras_resnet.pipeline.training.callbacks.RunSettings`)."""
+
+    model: keras.Model
+    resolved: ResolvedConfig
+    bundle: Any
+    val_ds: Any
+    one_hot: Callable
+    verbose: int
+    run: callbacks.RunSettings
+
+
+def _fit(fit: Fit, state, *, phase, begin, last, first_step):
     """Fits epochs ``begin`` to ``last``; a resumed mid-epoch checkpoint (``first_step``
     steps into epoch ``begin``) first finishes that epoch in a ``fit`` of its own."""
     segments = [(begin, begin + 1, first_step)] if first_step else []
     if begin + bool(first_step) < last:
         segments.append((begin + bool(first_step), last, 0))
     for seg_begin, seg_end, skip in segments:
-        monitor = _fit_segment(model, resolved, bundle, val_ds, one_hot, state=state,
-                               run_dir=run_dir, chief=chief, phase=phase, begin=seg_begin,
-                               last=seg_end, steps=steps, first_step=skip, verbose=verbose,
-                               start=start, stop=stop, agree=agree, save=save,
-                               average_bn=average_bn)
+        monitor = _fit_segment(fit, state, phase=phase, begin=seg_begin, last=seg_end,
+                               first_step=skip)
         if monitor.bad_step is not None:
             break
+    run_dir = fit.run.run_dir
     if monitor.bad_step is not None:
         bad_epoch, bad_batch = monitor.bad_step
         # A checkpoint of the very weights that gave the loss is no good to resume from.
         discarded = state.get("weights") == layout.checkpoint_name(bad_epoch, bad_batch)
         if discarded:
-            checkpoints.discard_newest_checkpoint(run_dir, state, write=chief)
+            checkpoints.discard_newest_checkpoint(run_dir, state, write=fit.run.chief)
         where = (f"the validation loss became NaN or infinite after epoch {bad_epoch + 1}"
                  if monitor.bad_in_validation else
                  f"the loss became NaN or infinite at epoch {bad_epoch + 1}, step "
@@ -313,39 +330,32 @@ def average_bn_batches(resolved, bundle):
     return optimization.AverageBNStatistics(bundle.first_batches(resolved.ema_bn_batches))
 
 
-def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, chief, phase,
-                 begin, last, steps, first_step, verbose, start, stop, agree, save,
-                 average_bn):
-    monitor = callbacks.RunMonitor(
-        run_dir=run_dir, chief=chief, state=state, phase=phase, save_model=save,
-        batch_size=resolved.batch_size, steps_per_epoch=steps,
-        keep=resolved.keep_checkpoints, total_epochs=resolved.epochs, start_time=start,
-        checkpoint_every=checkpoint_interval(resolved, steps),
-        first_step=first_step, stop=stop, agree=agree,
-        average_bn=average_bn)
+def _fit_segment(fit: Fit, state, *, phase, begin, last, first_step):
+    resolved, run, val_ds = fit.resolved, fit.run, fit.val_ds
+    monitor = callbacks.RunMonitor(run, state=state, phase=phase, first_step=first_step)
     # The average's scores go into the epoch's logs before the monitor records them.
     fit_callbacks = [monitor]
     if resolved.ema_decay and val_ds is not None:
-        fit_callbacks.insert(0, callbacks.AverageScore(
-            val_ds, average_bn))
+        fit_callbacks.insert(0, callbacks.AverageScore(val_ds, run.average_bn))
     tensorboard = None
     # Keras' TensorBoard callback writes through tf.summary: TensorFlow backend only.
-    if chief and keras.config.backend() == "tensorflow":
+    if run.chief and keras.config.backend() == "tensorflow":
         tensorboard = keras.callbacks.TensorBoard(
-            os.path.join(run_dir, layout.LOGS), write_graph=False, profile_batch=0)
+            os.path.join(run.run_dir, layout.LOGS), write_graph=False, profile_batch=0)
         fit_callbacks.append(tensorboard)
     # The training stream from ``begin`` continues exactly where earlier steps left it.
+    steps = run.steps_per_epoch
     data_epoch, offset = divmod(begin * steps + first_step,
-                                bundle.steps_per_epoch(resolved.batch_size) or 1)
-    train_ds = one_hot(bundle.epochs(data_epoch, skip_batches=offset))
+                                fit.bundle.steps_per_epoch(resolved.batch_size) or 1)
+    train_ds = fit.one_hot(fit.bundle.epochs(data_epoch, skip_batches=offset))
     with warnings.catch_warnings():
         # Validation sets that skip undecodable files have no known length, and Keras
         # warns "ran out of data" at their (normal) end.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         try:
-            model.fit(train_ds, epochs=last, initial_epoch=begin,
-                      steps_per_epoch=steps - first_step, validation_data=val_ds,
-                      callbacks=fit_callbacks, verbose=verbose, shuffle=False)
+            fit.model.fit(train_ds, epochs=last, initial_epoch=begin,
+                          steps_per_epoch=steps - first_step, validation_data=val_ds,
+                          callbacks=fit_callbacks, verbose=fit.verbose, shuffle=False)
         except BaseException:
             # A stop (Interrupted) skips Keras' on_train_end: the event files are closed
             # here, so that a process leaving without teardown keeps their last epochs.
@@ -377,7 +387,7 @@ def _restore(model, optimizer, run_dir, state):
                         "the options it was started with, or overwrite=True") from e
 
 
-def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief, average_bn):
+def _finish(model, stock, state, resolved, run_dir, start, bundle, *, chief, average_bn):
     history = state["history"]
     last = history[-1] if history else {}
     # The final model is the weight average where it scored higher on the last epoch, or
@@ -414,7 +424,7 @@ def _finish(model, twin, state, resolved, run_dir, start, bundle, *, chief, aver
                        ema_val_accuracy=last.get("ema_val_accuracy"))
     if not chief:
         return metrics
-    network.save_model(model, twin, os.path.join(run_dir, layout.MODEL))
+    network.save_model(model, stock, os.path.join(run_dir, layout.MODEL))
     safe_writes.write_json(os.path.join(run_dir, layout.METRICS), metrics)
     checkpoints.write_history(run_dir, history)
     digest = (layout.read_config(run_dir) or {}).get("data", {}).get("digest")

@@ -1,5 +1,6 @@
-"""What a run computes on: the Keras backend's GPUs, the library versions, the machines a
-resumed run moved between, and what ``jit_compile=auto`` means there.
+"""What a run computes on: the Keras backend's GPUs, the CPU and its flags, the library
+versions, the machines a resumed run moved between, and what ``jit_compile=auto`` means
+there.
 
 Training and the benchmarks share these; nothing here imports TensorFlow unless the
 Keras backend is TensorFlow.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import platform
 import sys
 from typing import Any
@@ -19,6 +21,49 @@ import numpy as np
 import keras_resnet
 
 MACHINE_KEYS = ("accelerator", "cpu", "cpus", "keras_backend")
+
+
+# CPU flags with native bfloat16 arithmetic that oneDNN uses (AMX tiles, AVX512-BF16).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPUINFO = "/proc/cpuinfo"
+
+
+def _cpuinfo_field(path: str, keys: tuple[str, ...]) -> str | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in keys:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags (the ``flags`` line of /proc/cpuinfo); empty elsewhere."""
+    return frozenset((_cpuinfo_field(path, ("flags", "Features")) or "").split())
+
+
+def cpu_model(path: str = CPUINFO) -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
+    return _cpuinfo_field(path, ("model name",)) or platform.processor() or platform.machine()
+
+
+@functools.cache
+def host_cpu_flags() -> frozenset[str]:
+    """:func:`cpu_flags` of this machine (read once)."""
+    return cpu_flags() if platform.system() == "Linux" else frozenset()
+
+
+def bf16_flags(flags) -> tuple[str, ...]:
+    """The flags of ``flags`` that make bfloat16 native (empty: no native bfloat16)."""
+    return tuple(f for f in BF16_CPU_FLAGS if f in flags)
+
+
+def host_description() -> str:
+    """This machine in a few words: its architecture and CPU count, e.g. "x86_64, 2 CPUs"."""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs"
 
 
 def set_random_seed(seed: int) -> None:

@@ -2,7 +2,7 @@
 
 A run trains :func:`build_training_model` (its dtype policy, the fused BatchNormalization
 of :mod:`~keras_resnet.pipeline.training.fused_batch_norm`) and saves through :func:`save_model`,
-which writes the weights into :func:`build_twin`, the stock float32 model of the same
+which writes the weights into :func:`build_stock_model`, the stock float32 model of the same
 architecture: every ``.keras`` file a run writes loads without custom objects on every
 backend, in float32. Checkpoints (``.weights.h5``) are the same for both models, since
 Keras keys them by layer class name and order, which the two share.
@@ -22,7 +22,7 @@ import keras_resnet
 from keras_resnet import weights as weights_lib
 from keras_resnet.pipeline.errors import UserError, first_line
 from keras_resnet.pipeline.run import safe_writes
-from keras_resnet.pipeline.run.config import ResolvedConfig
+from keras_resnet.pipeline.run.config import ResolvedConfig, build_network
 from keras_resnet.pipeline.training import fused_batch_norm, optimization
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,8 @@ def build_model(resolved: ResolvedConfig, num_classes: int, *,
     It is built in the current Keras dtype policy (float32 unless changed), with the run's
     ``initial_weights`` unless ``initial_weights=False``.
     """
-    size = resolved.image_size
     try:
-        model = keras_resnet.resnet(
-            **resolved.architecture_arg, classes=num_classes, input_shape=(size, size, 3),
-            include_preprocessing=True, classifier_activation=None,
-            **resolved.model_options)
+        model = build_network(resolved.to_dict(), classes=num_classes)
     except ValueError as e:
         raise UserError(str(e)) from e
     if initial_weights and resolved.initial_weights:
@@ -62,7 +58,7 @@ def build_training_model(resolved: ResolvedConfig, num_classes: int, *,
         return build_model(resolved, num_classes)
 
 
-def build_twin(resolved: ResolvedConfig, num_classes: int) -> keras.Model:
+def build_stock_model(resolved: ResolvedConfig, num_classes: int) -> keras.Model:
     """The stock float32 model that :func:`save_model` writes a trained model through."""
     with dtype_policy("float32"):
         return build_model(resolved, num_classes, initial_weights=False)
@@ -79,23 +75,24 @@ def dtype_policy(policy: str):
         keras.config.set_dtype_policy(previous)
 
 
-def save_model(model: keras.Model, twin: keras.Model, path: str) -> None:
-    """Saves a trained model as a stock float32 ``.keras`` file, through its ``twin``.
+def save_model(model: keras.Model, stock: keras.Model, path: str) -> None:
+    """Saves a trained model as a stock float32 ``.keras`` file, through ``stock`` (its
+    :func:`build_stock_model`).
 
     Weights and trainable flags are copied by layer name and, when both are compiled, the
     optimizer state by position, so the file is the one the run would have written had it
     trained with stock layers in float32: no fused layer class, no mixed dtype policy.
     """
-    weights_lib.transfer_weights(model, twin)
+    weights_lib.transfer_weights(model, stock)
     trainable = {layer.name: layer.trainable for layer in model.layers}
-    for layer in twin.layers:
+    for layer in stock.layers:
         layer.trainable = trainable[layer.name]
-    source, target = (optimization.plain_optimizer(m) for m in (model, twin))
+    source, target = (optimization.plain_optimizer(m) for m in (model, stock))
     if source is not None and target is not None and source.built and target.built:
         pairs = list(zip(target.variables, source.variables, strict=True))
         for a, b in pairs:
             a.assign(keras.ops.convert_to_numpy(b.value))
-    safe_writes.save_atomic(path, twin.save)
+    safe_writes.save_atomic(path, stock.save)
 
 
 def load_initial_weights(model: keras.Model, resolved: ResolvedConfig) -> None:
@@ -157,14 +154,12 @@ def _model_for_weights_file(path: str, resolved: ResolvedConfig) -> keras.Model:
     except OSError as e:
         raise UserError(f"initial_weights {path} is not a readable HDF5 file ({e})") from e
     classes = dense[-1][-1] if dense else None
-    size = resolved.image_size
     errors = []
     for preprocessing in (True, False):
         try:
-            source = keras_resnet.resnet(
-                **resolved.architecture_arg, classes=classes, include_top=bool(dense),
-                input_shape=(size, size, 3), include_preprocessing=preprocessing,
-                classifier_activation=None, **resolved.model_options)
+            source = build_network(resolved.to_dict(), classes=classes,
+                                   include_top=bool(dense),
+                                   include_preprocessing=preprocessing)
             source.load_weights(path)
             return source
         except Exception as e:

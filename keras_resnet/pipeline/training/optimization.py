@@ -255,6 +255,13 @@ def compile_model(model: keras.Model, resolved: ResolvedConfig, optimizer, num_c
         metrics=metrics, jit_compile=jit_compile)
 
 
+def apply_weight_decay(model: keras.Model, resolved: ResolvedConfig) -> None:
+    """The run's weight decay as an L2 penalty on the kernels (:func:`add_weight_decay`),
+    unless the optimizer is AdamW, which decays the weights itself."""
+    if resolved.optimizer != "adamw":
+        add_weight_decay(model, resolved.weight_decay)
+
+
 def prepare_for_training(model: keras.Model, resolved: ResolvedConfig, num_classes: int, *,
                          steps_per_epoch: int, jit_compile: bool = False):
     """Weight decay, schedule, optimizer and compile, as a run of ``resolved`` does.
@@ -262,8 +269,7 @@ def prepare_for_training(model: keras.Model, resolved: ResolvedConfig, num_class
     Returns:
         The optimizer.
     """
-    if resolved.optimizer != "adamw":
-        add_weight_decay(model, resolved.weight_decay)
+    apply_weight_decay(model, resolved)
     optimizer = make_optimizer(resolved, run_schedule(resolved, steps_per_epoch))
     compile_model(model, resolved, optimizer, num_classes, jit_compile=jit_compile)
     return optimizer

@@ -24,52 +24,13 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import logging
-import platform
 
 from keras_resnet.pipeline.errors import UserError, choose
 from keras_resnet.pipeline.run.config import AUTO_BOOL
+from keras_resnet.pipeline.training import machine
 
 log = logging.getLogger(__name__)
-
-# CPU flags with native bfloat16 arithmetic that oneDNN uses (AMX tiles, AVX512-BF16).
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-CPUINFO = "/proc/cpuinfo"
-
-
-def _cpuinfo_field(path: str, keys: tuple[str, ...]) -> str | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in keys:
-                    return value.strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_flags(path: str = CPUINFO) -> frozenset[str]:
-    """The CPU's feature flags (the ``flags`` line of /proc/cpuinfo); empty elsewhere."""
-    return frozenset((_cpuinfo_field(path, ("flags", "Features")) or "").split())
-
-
-def cpu_model(path: str = CPUINFO) -> str:
-    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
-    return _cpuinfo_field(path, ("model name",)) or platform.processor() or platform.machine()
-
-
-@functools.cache
-def host_cpu_flags() -> frozenset[str]:
-    """:func:`cpu_flags` of this machine (read once)."""
-    return cpu_flags() if platform.system() == "Linux" else frozenset()
-
-
-def bf16_flags(flags) -> tuple[str, ...]:
-    """The flags of ``flags`` that make bfloat16 native (empty: no native bfloat16)."""
-    return tuple(f for f in BF16_CPU_FLAGS if f in flags)
-
 
 def choose_policy(option: str, *, gpu: bool, flags=None) -> str:
     """The dtype policy of a run: "mixed_float16", "mixed_bfloat16" or "float32".
@@ -87,12 +48,12 @@ def choose_policy(option: str, *, gpu: bool, flags=None) -> str:
         return "float32"
     if gpu:
         return "mixed_float16"
-    flags = host_cpu_flags() if flags is None else flags
-    if bf16_flags(flags):
+    flags = machine.host_cpu_flags() if flags is None else flags
+    if machine.bf16_flags(flags):
         return "mixed_bfloat16"
     if option == "true":
         raise UserError("mixed_precision=true needs a GPU or a CPU with native bfloat16 "
-                        f"({' or '.join(BF16_CPU_FLAGS)}), which this CPU lacks; use "
+                        f"({' or '.join(machine.BF16_CPU_FLAGS)}), which this CPU lacks; use "
                         "mixed_precision=auto")
     return "float32"
 
@@ -110,9 +71,9 @@ def resumed_policy(recorded: str | None, chosen: str, *, flags=None) -> str:
     """
     if not recorded or recorded == chosen:
         return chosen
-    flags = host_cpu_flags() if flags is None else flags
+    flags = machine.host_cpu_flags() if flags is None else flags
     slower = (", where bfloat16 is emulated and slower" if recorded == "mixed_bfloat16"
-              and not bf16_flags(flags) else "")
+              and not machine.bf16_flags(flags) else "")
     log.warning("resuming in %s, the dtype policy this run started with, although this "
                 "machine would choose %s%s; start a new run to train in %s", recorded,
                 chosen, slower, chosen)
