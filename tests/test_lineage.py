@@ -167,6 +167,29 @@ def test_a_folder_written_before_lineage_is_adopted_as_found(copied, capsys):
     assert files["model_float32.tflite"]["by"] == "export"
 
 
+def test_a_run_folder_of_the_previous_release_resumes_and_exports(copied, capsys):
+    """A folder written before lineage and data fingerprints existed (no lineage.json, no
+    data_files.txt.gz, no "data" in config.json) resumes, and files exported before the
+    resume are then known to be stale."""
+    data, run = copied
+    for name in ("lineage.json", "data_files.txt.gz"):
+        (run / name).unlink()
+    config = json.loads((run / "config.json").read_text())
+    del config["data"]
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "model_float32.tflite").write_bytes(b"an export of the 1-epoch model")
+    status, out, err = train_folder(capsys, data, run, "--epochs=2")
+    assert status == 0, err
+    assert f"resuming {run} after epoch 1/2" in out
+    assert ("stale: model_float32.tflite was made from an earlier model.keras; rebuild it "
+            "with") in out
+    assert json.loads((run / "config.json").read_text())["data"]["images"] == 60
+    status, _, err = tool(capsys, "export_tflite", f"--model_dir={run}", "--modes=float32",
+                          "--overwrite", "--latency_runs=2")
+    assert status == 0, err
+    assert lineage.stale_files(run) == []
+
+
 # --------------------------------------------------------------------------- data
 
 

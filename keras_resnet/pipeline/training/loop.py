@@ -372,8 +372,9 @@ def report_stale(run_dir: str) -> list[str]:
     stale = lineage.stale_files(run_dir)
     if stale:
         commands = lineage.rebuild_commands(run_dir, stale)
-        print(f"stale: {', '.join(stale)} were made from an earlier {layout.MODEL}; rebuild "
-              f"them with `{'` and `'.join(commands)}`", flush=True)
+        were, them = ("was", "it") if len(stale) == 1 else ("were", "them")
+        print(f"stale: {', '.join(stale)} {were} made from an earlier {layout.MODEL}; "
+              f"rebuild {them} with `{'` and `'.join(commands)}`", flush=True)
     return stale
 
 
