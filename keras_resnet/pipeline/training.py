@@ -91,11 +91,18 @@ def load_bundle(resolved: ResolvedConfig):
             cache_budget=resolved.cache_budget_mb * 2**20)
     from keras_resnet.pipeline import arrays
 
-    return arrays.load_arrays(
+    bundle = arrays.load_arrays(
         resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
         batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
         seed=resolved.seed, augment=resolved.augment, cutout=resolved.cutout,
         memory_budget=resolved.cache_budget_mb * 2**20)
+    if keras.config.backend() == "jax":
+        # On JAX the images go to the device and are augmented in the compiled step.
+        from keras_resnet.pipeline import device_data
+
+        if device_data.fits(bundle, resolved.cache_budget_mb * 2**20):
+            return device_data.to_device(bundle)
+    return bundle
 
 
 def one_hot_labels(num_classes: int):
@@ -220,6 +227,8 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "steps_per_epoch_resolved": steps, "train_images": bundle.train_size,
         "val_images": bundle.val_size, "skipped_images": len(bundle.skipped),
         "cached_in_memory": bundle.cached,
+        "train_input": getattr(bundle, "input_kind", "tf.data" if keras.config.backend() == (
+            "tensorflow") else "host"),
         "augmentation": transforms.augmentation_style(resolved.image_size),
         "input": "raw RGB pixels 0..255 (float32); normalisation is inside the model",
         "output": "logits", "versions": machine.versions(),
@@ -381,9 +390,16 @@ def _fit_segment(model, resolved, bundle, val_ds, one_hot, *, state, run_dir, ch
         # warns "ran out of data" at their (normal) end.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         try:
-            model.fit(train_ds, epochs=last, initial_epoch=begin,
-                      steps_per_epoch=steps - first_step, validation_data=val_ds,
-                      callbacks=fit_callbacks, verbose=verbose, shuffle=False)
+            fit = dict(epochs=last, initial_epoch=begin, steps_per_epoch=steps - first_step,
+                       validation_data=val_ds, callbacks=fit_callbacks, verbose=verbose,
+                       shuffle=False)
+            if hasattr(train_ds, "fit"):
+                # Device-resident data (JAX) runs its own loop of several steps per call,
+                # each call ending where the monitor checkpoints.
+                train_ds.fit(model, first_step=first_step, checkpoint_every=(
+                    checkpoint_interval(resolved, steps)), **fit)
+            else:
+                model.fit(train_ds, **fit)
         except BaseException:
             # A stop (Interrupted) skips Keras' on_train_end: the event files are closed
             # here, so that a process leaving without teardown keeps their last epochs.
