@@ -266,3 +266,77 @@ def test_tools_train_on_jax_keeps_images_on_the_device_and_resumes_exactly(tmp_p
             for run in (straight, stopped))
     for x, y in zip(a.get_weights(), b.get_weights(), strict=True):
         np.testing.assert_allclose(y, x, atol=1e-6, rtol=0)
+
+
+# Two CPU devices (XLA_FLAGS) in one process: the same run on one device and on both.
+DATA_PARALLEL_SCRIPT = r"""
+import json, os, sys
+import keras, numpy as np
+from keras_resnet import pipeline
+
+folder, out = sys.argv[1], sys.argv[2]
+common = dict(depth=8, dataset="folder", data_dir=folder, epochs=2, batch_size=8,
+              steps_per_epoch=4, learning_rate=0.05, image_size=16, cutout=4,
+              val_fraction=0.25, freeze_bn=True, verbose="false")
+result = {"devices": keras.distribution.list_devices()}
+for name in ("default", "auto"):
+    run = os.path.join(out, name)
+    metrics = pipeline.train(pipeline.TrainConfig(model_dir=run, strategy=name, **common))
+    model = keras.saving.load_model(os.path.join(run, "model.keras"), compile=False)
+    np.save(os.path.join(out, name + ".npy"),
+            np.concatenate([np.ravel(w) for w in model.get_weights()]))
+    config = json.load(open(os.path.join(run, "config.json")))
+    result[name] = {key: config[key] for key in (
+        "replicas", "per_replica_batch_size", "strategy_resolved", "train_input")}
+    result[name].update(loss=metrics["train_loss"], val_loss=metrics["val_loss"])
+try:
+    pipeline.train(pipeline.TrainConfig(model_dir=os.path.join(out, "odd"),
+                                        **{**common, "batch_size": 7}))
+except pipeline.UserError as e:
+    result["odd_batch_error"] = str(e)
+print("RESULT " + json.dumps(result))
+"""
+
+
+def test_every_local_device_trains_data_parallel_and_matches_one_device(tmp_path):
+    """With two (CPU) devices, strategy=auto trains on both with Keras' DataParallel,
+    config.json records 2 replicas, and the run matches one device (BN frozen: float sums
+    in another order, 1e-4 as for MirroredStrategy)."""
+    skip_without_backend("jax", "data-parallel training on JAX")
+    folder = make_folder(tmp_path / "images", per_class=16, size=16)  # 12 to validate
+    env = {**jax_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, str(folder),
+                             str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT ")[-1])
+    assert out["devices"] == ["cpu:0", "cpu:1"]
+    one, both = out["default"], out["auto"]
+    assert (one["replicas"], one["strategy_resolved"]) == (1, "OneDevice (jax)")
+    assert (both["replicas"], both["per_replica_batch_size"], both["strategy_resolved"]) == (
+        2, 4, "DataParallel (jax, 2 devices)")
+    assert one["train_input"] == both["train_input"] == "device"
+    assert both["loss"] == pytest.approx(one["loss"], abs=1e-4)
+    assert both["val_loss"] == pytest.approx(one["val_loss"], abs=1e-4)
+    np.testing.assert_allclose(np.load(tmp_path / "auto.npy"),
+                               np.load(tmp_path / "default.npy"), atol=1e-4)
+    assert out["odd_batch_error"] == ("batch_size=7 does not divide evenly over 2 replicas; "
+                                      "use a multiple of 2")
+
+
+def test_validation_batches_fill_up_to_a_multiple_of_the_devices(tmp_path):
+    """Under data parallelism every batch splits evenly over the devices: the last one is
+    filled up with copies weighted 0, so top-1 counts the real images only."""
+    images = np.arange(11 * 4 * 4 * 3, dtype=np.uint8).reshape(11, 4, 4, 3)
+    labels = np.arange(11) % 3
+    plain = arrays.EvalStream(images, labels, 3, 4)
+    split = arrays.EvalStream(images, labels, 3, 4, multiple=2)
+    assert len(plain) == len(split) == 3
+    x, y = plain[2]
+    assert x.shape == (3, 4, 4, 3)
+    fx, fy, w = split[2]
+    assert fx.shape == (4, 4, 4, 3) and fy.shape == (4, 3)
+    np.testing.assert_array_equal(fx[:3], x)
+    np.testing.assert_array_equal(fx[3], x[0])
+    np.testing.assert_array_equal(w, [1, 1, 1, 0])
+    np.testing.assert_array_equal(split[0][2], np.ones(4))

@@ -30,7 +30,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from keras_resnet.pipeline import sources
+from keras_resnet.pipeline import jax_distribution, sources
 from keras_resnet.pipeline.errors import DataError
 from keras_resnet.pipeline.transforms import CUTOUT_FILL, SMALL_IMAGE_MAX
 
@@ -84,7 +84,7 @@ class ArrayBundle:
         if self.val_labels is None or not len(self.val_labels):
             return None
         return EvalStream(self.val_images, self.val_labels, self.num_classes,
-                          self.batch_size)
+                          self.batch_size, multiple=jax_distribution.replicas())
 
     def first_batches(self, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The first ``count`` batches of epoch 0 (the same every time)."""
@@ -133,21 +133,35 @@ class TrainStream(keras.utils.PyDataset):
 
 
 class EvalStream(keras.utils.PyDataset):
-    """Images in order, un-augmented, in batches (the last one may be smaller)."""
+    """Images in order, un-augmented, in batches (the last one may be smaller).
+
+    With ``multiple`` > 1 (a data-parallel run, whose every batch is split evenly over the
+    devices) batches come with sample weights, and the last one is filled up to a multiple
+    of ``multiple`` with copies of its first image weighted 0: top-1 and top-5 count the
+    real images only; the mean loss divides by the filled-up count (at most
+    ``multiple`` - 1 more images than there are).
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                 batch_size: int):
+                 batch_size: int, multiple: int = 1):
         super().__init__()
         self.images, self.labels = images, labels
         self.num_classes, self.batch_size = num_classes, batch_size
+        self.multiple = multiple
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
     def __getitem__(self, index: int):
         part = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return (self.images[part].astype("float32"),
-                one_hot(self.labels[part], self.num_classes))
+        x = self.images[part].astype("float32")
+        y = one_hot(self.labels[part], self.num_classes)
+        if self.multiple == 1:
+            return x, y
+        short = -len(y) % self.multiple
+        weights = np.concatenate([np.ones(len(y)), np.zeros(short)]).astype("float32")
+        x, y = (np.concatenate([a, np.repeat(a[:1], short, 0)]) for a in (x, y))
+        return x, y, weights
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
