@@ -25,7 +25,9 @@ covers many steps and no batch crosses from the host. The loop keeps ``fit``'s c
 with the callbacks of :mod:`keras_resnet.pipeline.callbacks`: ``on_train_batch_end``
 after every call with the call's last step index and logs (the epoch's running means,
 as Keras' own), validation through ``model.evaluate``, ``on_epoch_end`` with the epoch's
-metrics, and ``model.stop_training``. Calls end where the run checkpoints
+metrics, and ``model.stop_training``; the logs reach the callbacks as device arrays
+(Keras' ``CallbackList`` converts them to floats, which waits for every step). Calls end
+where the run checkpoints
 (``checkpoint_every``) and at epoch ends. A call stops early at the first step whose loss
 is not finite, and says how many steps it ran (``steps_run``), so the NaN guard names
 that very step. Augmentation lives only in the training loop: the model stays the stock
@@ -46,6 +48,7 @@ import keras
 import numpy as np
 
 from keras_resnet.pipeline.arrays import ArrayBundle
+from keras_resnet.pipeline.callbacks import RunMonitor
 from keras_resnet.pipeline.transforms import CUTOUT_FILL
 
 # Training steps one host call runs at most on an accelerator. A call costs the host about
@@ -377,7 +380,15 @@ class DeviceStream:
                 position += count
                 done += count
                 logs = dict(logs)
-                callbacks.on_train_batch_end(done - 1, {**logs, "steps_asked": count})
+                # Each callback gets the call's logs as device arrays: a CallbackList would
+                # convert them to floats first, waiting for the call to finish before the
+                # next one is even sent. The NaN guard reads them one call late.
+                steps_run = logs.pop("steps_run")
+                for callback in callbacks.callbacks:
+                    # The monitor's NaN guard names the step a call stopped at.
+                    extra = ({"steps_run": steps_run, "steps_asked": count} if isinstance(
+                        callback, RunMonitor) else {})
+                    callback.on_train_batch_end(done - 1, {**logs, **extra})
                 t3 = time.perf_counter()
                 timings["host"] += t1 - t0
                 timings["dispatch"] += t2 - t1
