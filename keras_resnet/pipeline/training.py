@@ -78,9 +78,10 @@ def _set_trainable(model, head_only, original, freeze_bn):
 
 def load_bundle(resolved: ResolvedConfig):
     """The run's training and validation input: tf.data on the TensorFlow backend
-    (:func:`keras_resnet.pipeline.data.load_data`), else in-memory arrays
-    (:func:`keras_resnet.pipeline.arrays.load_arrays`, folder datasets of images up to 64
-    pixels)."""
+    (:func:`keras_resnet.pipeline.data.load_data`); else folder datasets, of images up to
+    64 pixels in memory (:func:`keras_resnet.pipeline.arrays.load_arrays`; on JAX on the
+    device, :mod:`keras_resnet.pipeline.device_data`), of larger images streamed from disk
+    (:func:`keras_resnet.pipeline.folder_stream.load_folder_stream`)."""
     if keras.config.backend() == "tensorflow":
         from keras_resnet.pipeline import data
 
@@ -91,6 +92,14 @@ def load_bundle(resolved: ResolvedConfig):
             cache_budget=resolved.cache_budget_mb * 2**20)
     from keras_resnet.pipeline import arrays
 
+    if resolved.image_size > transforms.SMALL_IMAGE_MAX:
+        # Large images stream from disk (ImageNet-style folders do not fit in memory).
+        from keras_resnet.pipeline import folder_stream
+
+        return folder_stream.load_folder_stream(
+            resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
+            batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
+            seed=resolved.seed, augment=resolved.augment, cutout=resolved.cutout)
     bundle = arrays.load_arrays(
         resolved.dataset, data_dir=resolved.data_dir, image_size=resolved.image_size,
         batch_size=resolved.batch_size, val_fraction=resolved.val_fraction,
