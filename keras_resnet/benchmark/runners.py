@@ -31,11 +31,12 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 MARK = "@@benchmark "  # prefix of worker replies on stdout
 MODULE = "keras_resnet.benchmark.worker"  # the subprocess entry point
 BENCHES = {"keras": benches.KerasBench, "torch": torch_twins.TorchBench,
-           "tflite": benches.TFLiteBench, "pipeline": benches.PipelineBench}
+           "tflite": benches.TFLiteBench, "pipeline": benches.PipelineBench,
+           "stream": benches.StreamBench}
 
 
 def make_bench(spec: dict):
-    """The bench of ``spec["kind"]``: keras, torch, tflite or pipeline."""
+    """The bench of ``spec["kind"]``: keras, torch, tflite, pipeline or stream."""
     return BENCHES[spec["kind"]](spec)
 
 

@@ -30,6 +30,9 @@ TORCH_FORMATS = ("nchw", "channels_last")
 TORCH_MODES = ("eager", "compile")
 MEMORY_CHECKS = ("train", "folder")
 FOLDER_SOURCES = ("auto", "cifar", "synthetic")
+# The input pipelines the pipeline mode measures: tf.data (TensorFlow backend) or the
+# folder stream of the other backends (keras_resnet.pipeline.folder_stream).
+PIPELINE_INPUTS = ("tf.data", "stream")
 # Batch sizes when batch_size is unset: the CIFAR recipe's 128; ImageNet-style nets get
 # 32 (the recipe's 256 at 224 pixels takes about a minute a step on a 2-core CPU).
 CIFAR_BATCH = 128
@@ -96,6 +99,10 @@ class Settings:
                              "tools/train.py --cutout (0: none).")
     val_fraction: float = _option(
         0.1, "pipeline: fraction carved off as validation, as in training.")
+    pipeline_input: str = _option(
+        "tf.data", "pipeline: tf.data (the TensorFlow backend's input) or stream (a folder "
+        "decoded by Pillow threads, as JAX and PyTorch runs read images above 64 pixels; "
+        "--intra_op_threads sets its thread count).")
     cache_budget_mb: int | None = _option(
         help="pipeline: decoded-image cache budget (default as tools/train.py, 2048); "
              "memory's folder check defaults to 0 (streamed).")

@@ -1,17 +1,19 @@
-"""Image folders streamed from disk without TensorFlow: the input of JAX (and PyTorch)
-runs whose images are too large or too many to hold in memory, such as 224-pixel
-ImageNet-style folders.
+"""Image folders streamed from disk without TensorFlow: the input of JAX runs whose images
+are too large or too many to hold in memory, such as 224-pixel ImageNet-style folders.
 
 The folder is listed and carved as :mod:`keras_resnet.pipeline.sources` does for tf.data
 (the same files, the same seed-``seed`` validation split). Each batch is decoded and
-augmented with Pillow by a pool of threads, image by image, a few batches ahead of the
-one ``fit`` asks for. Pillow releases Python's global lock while it decodes and resizes,
-so the threads use every core from one process, and batches reach ``fit`` without being
-copied between processes. Why not Grain or ``PyDataset`` worker processes: each batch of
-256 224-pixel images is 38 MiB of uint8 that a worker process would pickle or copy
-through shared memory to the training process, which threads never do, and every tool
-here stays a single process (SIGTERM, checkpoints, the run lock); a decode that holds the
-global lock (other decoders than Pillow's) would be the reason to move to processes.
+augmented with OpenCV by a pool of threads, image by image, a few batches ahead of the
+one ``fit`` asks for. OpenCV releases Python's global lock while it decodes
+(libjpeg-turbo) and resizes, so the threads use every core from one process, and batches
+reach ``fit`` without being copied between processes. Why not Grain or ``PyDataset``
+worker processes: each batch of 256 224-pixel images is 38 MiB of uint8 that a worker
+process would pickle or copy through shared memory to the training process, which
+threads never do, and every tool here stays a single process (SIGTERM, checkpoints, the
+run lock); work that holds the global lock (Python-level transforms) would be the
+reason to move to processes. Why OpenCV rather than Pillow: Pillow's bilinear resize of a
+224-pixel crop took 0.76 ms here, OpenCV's a tenth of that (BUILD.md, "Input pipeline
+alone").
 
 Augmentation is the recipe of :mod:`keras_resnet.pipeline.transforms`:
 
@@ -19,7 +21,7 @@ Augmentation is the recipe of :mod:`keras_resnet.pipeline.transforms`:
   ``sample_distorted_bounding_box`` draws it (aspect ratio uniform in 3/4..4/3, height
   uniform between the heights of 8% and 100% of the area, at least 10% of the image
   covered, up to 10 attempts, else the whole image), resized to the square size
-  (bilinear; Pillow filters when it shrinks, TensorFlow's resize does not), mirrored
+  (bilinear, as TensorFlow's resize: no filtering when it shrinks), mirrored
   with probability 1/2; evaluation resizes the shorter side to size / 0.875 and takes the
   central square;
 * up to 64 pixels, CIFAR-style, as :mod:`keras_resnet.pipeline.arrays` does;
@@ -100,52 +102,80 @@ def sample_crop(rng: np.random.Generator, height: int, width: int):
     return 0, 0, height, width
 
 
+def decode(path: str, reduce: int = 1) -> np.ndarray:
+    """An image file as uint8 RGB ``[height, width, 3]``, JPEGs decoded at ``1/reduce``
+    scale (1, 2, 4 or 8: libjpeg's scaled decoding). OpenCV decodes (its libjpeg-turbo
+    and its resize release Python's global lock); what it cannot read (GIF) goes through
+    Pillow."""
+    import cv2
+
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+            4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[reduce]
+    image = cv2.imdecode(np.fromfile(path, np.uint8), flag)
+    if image is None:
+        from PIL import Image
+
+        with Image.open(path) as pil:
+            return np.asarray(pil.convert("RGB"), dtype="uint8")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _header_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:  # reads the header only
+        return image.size
+
+
 def train_image(path: str, rng: np.random.Generator, image_size: int, *,
                 augment: bool = True) -> np.ndarray:
     """One training image: decoded, ImageNet-style augmented (or, without ``augment``,
-    :func:`eval_image`), uint8 ``[image_size, image_size, 3]``."""
-    from PIL import Image
+    :func:`eval_image`), uint8 ``[image_size, image_size, 3]``. The crop is resized
+    bilinearly (half-pixel centres, no filtering), as TensorFlow's resize does."""
+    import cv2
 
     if not augment:
         return eval_image(path, image_size)
-    with Image.open(path) as image:
-        width, height = image.size
-        top, left, h, w = sample_crop(rng, height, width)
-        if image.format == "JPEG":
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale where the crop stays larger than
-            # the output: much less work for large photographs.
-            scale = min(w, h) / image_size
-            image.draft("RGB", (int(width / scale), int(height / scale)))
-        sx, sy = image.size[0] / width, image.size[1] / height
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        out = image.convert("RGB").resize((image_size, image_size),
-                                          Image.Resampling.BILINEAR, box=box)
-        if rng.random() < 0.5:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(out, dtype="uint8")
+    width, height = _header_size(path)
+    top, left, h, w = sample_crop(rng, height, width)
+    # Decode at a reduced scale where the crop stays at least the output's size: much
+    # less work for large photographs.
+    reduce = max([r for r in (1, 2, 4, 8) if min(h, w) >= r * image_size], default=1)
+    image = decode(path, reduce if path.lower().endswith((".jpg", ".jpeg")) else 1)
+    sy, sx = image.shape[0] / height, image.shape[1] / width
+    crop = image[int(top * sy):max(int((top + h) * sy), int(top * sy) + 1),
+                 int(left * sx):max(int((left + w) * sx), int(left * sx) + 1)]
+    out = cv2.resize(crop, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
 
 
 def eval_image(path: str, image_size: int) -> np.ndarray:
     """The evaluation pixels of one image, as :func:`~keras_resnet.pipeline.transforms.
-    eval_transform` computes them: above 64 pixels the shorter side resized (antialiased)
-    to ``image_size / 0.875`` and the central square; up to 64 the whole image resized."""
-    from PIL import Image
+    eval_transform` computes them: above 64 pixels the shorter side resized (area
+    averaging when it shrinks, as an antialiased resize) to ``image_size / 0.875`` and
+    the central square; up to 64 the whole image resized."""
+    import cv2
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        width, height = image.size
-        if image_size <= SMALL_IMAGE_MAX:
-            size = (image_size, image_size)
-            out = image if image.size == size else image.resize(
-                size, Image.Resampling.BILINEAR, reducing_gap=None)
-            return np.asarray(out, dtype="uint8")
-        scale = (image_size / CROP_FRACTION) / min(width, height)
-        new = (max(int(round(width * scale)), image_size),
-               max(int(round(height * scale)), image_size))
-        image = image.resize(new, Image.Resampling.BILINEAR, reducing_gap=None)
-        left, top = (new[0] - image_size) // 2, (new[1] - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(image, dtype="uint8")
+    image = decode(path)
+    height, width = image.shape[:2]
+
+    def resize(image, size):
+        shrink = size[0] < image.shape[1] or size[1] < image.shape[0]
+        return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink
+                          else cv2.INTER_LINEAR)
+
+    if image_size <= SMALL_IMAGE_MAX:
+        if (height, width) == (image_size, image_size):
+            return image
+        return resize(image, (image_size, image_size))
+    scale = (image_size / CROP_FRACTION) / min(width, height)
+    new = (max(int(round(width * scale)), image_size),
+           max(int(round(height * scale)), image_size))
+    image = resize(image, new)
+    left, top = (new[0] - image_size) // 2, (new[1] - image_size) // 2
+    return np.ascontiguousarray(image[top:top + image_size, left:left + image_size])
 
 
 class StreamBundle:
@@ -163,6 +193,11 @@ class StreamBundle:
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.augment, self.cutout = augment, cutout
         self.skipped = tuple(skipped)
+        import cv2
+
+        # The pool's threads are the parallelism: OpenCV's own threads would only compete.
+        cv2.setNumThreads(1)
+        self.threads = threads
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
 
     @property
@@ -212,9 +247,15 @@ class StreamBundle:
         order = self.epoch_order(epoch) if order is None else order
         first = index * self.batch_size
         picked = order[first:first + self.batch_size]
-        images = np.stack(list(self.pool.map(
-            lambda i: self.image(self.train_paths[picked[i]], epoch, first + i),
-            range(len(picked)))))
+        images = np.empty((len(picked), self.image_size, self.image_size, 3), np.uint8)
+
+        def decode_part(part):
+            # One task per thread, not per image: a task's own cost is that of an image.
+            for i in part:
+                images[i] = self.image(self.train_paths[picked[i]], epoch, first + i)
+
+        list(self.pool.map(decode_part, np.array_split(np.arange(len(picked)),
+                                                        self.threads)))
         if self.image_size <= SMALL_IMAGE_MAX and self.augment:
             rng = np.random.default_rng([self.seed, epoch, index, 1])
             images = arrays.augment_small(images, rng)
