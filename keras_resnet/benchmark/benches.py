@@ -132,6 +132,10 @@ class KerasBench:
                          type(layer).__module__.startswith("keras_resnet")
                          for layer in self.model.layers),
                      "image_size": self.size, "classes": self.classes}
+        if spec.get("model_file") is None:
+            from keras_resnet.pipeline.machine import accelerator
+
+            self.info["device"] = accelerator(keras.config.backend()) or "cpu"
         if keras.config.backend() == "tensorflow":
             import tensorflow as tf
 

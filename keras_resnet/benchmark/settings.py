@@ -133,6 +133,12 @@ class Settings:
     work_dir: str | None = _option(
         help="memory: where the temporary folders and runs go (default: the system temp "
              "dir); removed afterwards.")
+    cifar_batch_size: int = _option(128, "gpu: batch of the CIFAR epochs.")
+    epochs: int = _option(2, "gpu: timed CIFAR epochs of each measurement (after one "
+                             "that compiles).")
+    cifar_precisions: list[str] = _option(
+        ["mixed_bfloat16"], "gpu: precisions of the CIFAR epochs, float32 and/or "
+        "mixed_bfloat16 (ResNet-50 takes --precisions).")
     worker_timeout: int = _option(1800, "seconds a subprocess may take for one reply.")
     output_json: str | None = _option(help="write every figure here as JSON.")
 
