@@ -1,6 +1,6 @@
 """keras_resnet: the ResNet family as Keras 3 functional models.
 
-Example:
+Examples:
     >>> import keras_resnet
     >>> model = keras_resnet.ResNet50()
     >>> cifar = keras_resnet.resnet(depth=20)            # CIFAR ResNet-20, 10 classes

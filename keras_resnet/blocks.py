@@ -35,7 +35,7 @@ _library: contextvars.ContextVar[types.ModuleType] = contextvars.ContextVar(
 def layer_library(module: types.ModuleType):
     """Builds blocks and models from another Keras implementation, e.g. ``tf_keras``.
 
-    Example:
+    Examples:
         >>> import tf_keras
         >>> with layer_library(tf_keras):
         ...     twin = keras_resnet.resnet(depth=20)   # a tf_keras.Model
@@ -61,7 +61,7 @@ _batch_norm_class: contextvars.ContextVar[type | None] = contextvars.ContextVar(
 def batch_norm_layer(layer_class: type):
     """Builds every BatchNormalization as ``layer_class``, a subclass of the stock layer
     that computes the same function (e.g. the fused training layer of
-    :mod:`keras_resnet.pipeline.fused_batch_norm`). Names, weights and their order stay
+    :mod:`keras_resnet.pipeline.training.fused_batch_norm`). Names, weights and their order stay
     those of the stock layer.
     """
     if not issubclass(layer_class, library().layers.BatchNormalization):
@@ -205,7 +205,7 @@ def basic_block(x, filters, *, strides=1, shortcut_kind="projection", se_ratio=0
                 zero_init_residual=False, residual_scale=1.0, drop_rate=0.0, name):
     """Post-activation basic block: two 3x3 convs (He et al. 2015).
 
-    Example:
+    Examples:
         >>> y = basic_block(x, 64, strides=2, name="conv3_block1")
     """
     short = x
@@ -230,7 +230,7 @@ def bottleneck_block(x, filters, *, strides=1, width=None, groups=1, expansion=4
         keras_applications: keras.applications' v1 layout (stride on the first 1x1, conv
             biases), so its published weights load.
 
-    Example:
+    Examples:
         >>> y = bottleneck_block(x, 128, strides=2, name="conv3_block1")
     """
     width = width or filters

@@ -83,6 +83,12 @@ class ResNetConfig:
             raise ValueError(f"se_ratio={self.se_ratio} must be in [0, 1)")
         if not 0.0 <= self.stochastic_depth < 1.0:
             raise ValueError(f"stochastic_depth={self.stochastic_depth} must be in [0, 1)")
+        grouped = [f"{k}={v}" for k, v, plain in (("groups", self.groups, 1), (
+            "width_per_group", self.width_per_group, 64)) if v != plain]
+        if self.block == "basic" and grouped:
+            raise ValueError(f"{' and '.join(grouped)} shape a bottleneck's grouped 3x3 "
+                             'convolution, which a net of block="basic" does not have; leave '
+                             "them out, or use a bottleneck net such as resnet50")
         if self.shortcut == "zeropad" and self.block != "basic":
             raise ValueError('shortcut="zeropad" (CIFAR option A) needs block="basic"')
 

@@ -54,7 +54,7 @@ def resnet(depth: int | None = None, *, variant: str | None = None,
     Returns:
         A keras.Model (or tf_keras.Model inside ``blocks.layer_library(tf_keras)``).
 
-    Example:
+    Examples:
         >>> model = keras_resnet.resnet(50, classes=10, input_shape=(160, 160, 3))
         >>> cifar = keras_resnet.resnet(variant="resnet56")
     """
@@ -252,7 +252,7 @@ def feature_model(model):
     For detection and segmentation backbones (FPN and the like). Outputs are a dict keyed
     by stage name ("conv2", "conv3", ...), at strides 4, 8, 16, 32 for ImageNet-style nets.
 
-    Example:
+    Examples:
         >>> features = keras_resnet.feature_model(keras_resnet.ResNet50(include_top=False))
         >>> features(images)["conv4"].shape   # (batch, 14, 14, 1024) at 224x224
     """
@@ -286,7 +286,7 @@ def _constructor(variant: str, public_name: str):
         f"Same arguments as keras.applications constructors (see keras_resnet.resnet); "
         f"default {config.default_classes} classes at {config.default_size}x"
         f"{config.default_size}{imagenet}.\n\n"
-        f"Example:\n    >>> model = keras_resnet.{public_name}()\n"
+        f"Examples:\n    >>> model = keras_resnet.{public_name}()\n"
     )
     return build
 

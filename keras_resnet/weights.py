@@ -182,7 +182,7 @@ def shipped_weights() -> list[dict]:
     ``.tflite`` files, each plain and with flip test-time augmentation (``"float"``,
     ``"float_flip"``, ``"qat_int8"``, ...; None where not measured).
 
-    Example:
+    Examples:
         >>> [(w["variant"], w["top1"]["float"]) for w in keras_resnet.shipped_weights()]
     """
     records = []
@@ -225,9 +225,17 @@ def imagenet_file(variant: str, *, include_top: bool, cache_dir: str | None = No
     top_hash, notop_hash = IMAGENET_WEIGHTS[variant]
     suffix = "" if include_top else "_notop"
     fname = f"{variant}_weights_tf_dim_ordering_tf_kernels{suffix}.h5"
-    return keras.utils.get_file(fname, BASE_URL + fname, cache_subdir="models",
-                                cache_dir=cache_dir,
-                                file_hash=top_hash if include_top else notop_hash)
+    try:
+        return keras.utils.get_file(fname, BASE_URL + fname, cache_subdir="models",
+                                    cache_dir=cache_dir,
+                                    file_hash=top_hash if include_top else notop_hash)
+    except Exception as e:  # noqa: BLE001 - urllib, OS and hash errors: one sentence each
+        cache = (os.path.join(cache_dir, "models") if cache_dir
+                 else "~/.keras/models ($KERAS_HOME/models where KERAS_HOME is set)")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"could not download the ImageNet weights of {variant} from "
+                         f"{BASE_URL + fname} ({reason[:200]}); check the network "
+                         f"connection, or put {fname} in {cache}") from None
 
 
 def load_imagenet(model, variant: str, *, include_top: bool) -> None:

@@ -165,7 +165,7 @@ def require_mediapipe() -> None:
     """Skips the calling test where MediaPipe Tasks cannot run, with the one-line reason
     and fix: MediaPipe not installed (it goes in with --no-deps, README), or its native
     library not loading (a slim image without libEGL.so.1 / libGLESv2.so.2)."""
-    from keras_resnet.pipeline.mediapipe_tasks import unavailable
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import unavailable
 
     problem = unavailable()
     if problem:
@@ -175,7 +175,7 @@ def require_mediapipe() -> None:
 def square_of_fill(image, size):
     """(rows, cols) of the pixels of ``image`` that hold the Cutout fill, checked to form
     one axis-aligned rectangle of at most ``size`` x ``size``."""
-    from keras_resnet.pipeline.transforms import CUTOUT_FILL
+    from keras_resnet.pipeline.data.transforms import CUTOUT_FILL
 
     mask = np.all(image == np.asarray(CUTOUT_FILL, image.dtype), axis=-1)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
@@ -213,6 +213,6 @@ def check_cutout_placement(outputs, background, size: int) -> None:
 
 def litert_scores(content: bytes, images) -> np.ndarray:
     """Float outputs of a .tflite flatbuffer on the LiteRT interpreter."""
-    from keras_resnet.pipeline.litert import LiteRTModel
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
 
     return LiteRTModel(content).predict(images)

@@ -1,4 +1,4 @@
-"""In-memory training input (keras_resnet.pipeline.arrays) and training on the JAX and
+"""In-memory training input (keras_resnet.pipeline.data.arrays) and training on the JAX and
 PyTorch backends without TensorFlow."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from conftest import (
 )
 from PIL import Image
 
-from keras_resnet.pipeline import arrays, sources
+from keras_resnet.pipeline.data import arrays, sources
 from keras_resnet.pipeline.errors import DataError
 
 
@@ -264,7 +264,7 @@ def test_tensorflow_only_options_are_one_line_errors_without_tensorflow(backend,
 
 
 def test_machines_of_a_run_resumed_elsewhere():
-    from keras_resnet.pipeline import machine
+    from keras_resnet.pipeline.training import machine
 
     here = {"accelerator": None, "cpu": "AMD EPYC", "cpus": 2,
             "versions": {"keras_backend": "tensorflow"}}
@@ -280,3 +280,31 @@ def test_machines_of_a_run_resumed_elsewhere():
     # Resuming on the same machine adds nothing.
     again = machine.machines(here, {**here, "machines": moved}, {"epoch": 59})
     assert again == moved
+
+
+def test_a_jax_run_where_tensorflow_is_installed_never_loads_it(tmp_path):
+    """Keras seeds TensorFlow wherever it is installed, which would load it (and print its
+    C++ start-up lines) in a run that never uses it."""
+    skip_without_backend("jax", "training on the jax backend")
+    images = make_folder(tmp_path / "images", classes=("a", "b"), per_class=12)
+    code = textwrap.dedent("""
+        import runpy, sys
+        sys.path.insert(0, sys.argv[1])
+        sys.argv = sys.argv[2:]
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, e.code
+        print("tensorflow loaded:", "tensorflow" in sys.modules)
+    """)
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "tools"), str(REPO / "tools/train.py"),
+         "--depth=8", "--dataset=folder", f"--data_dir={images}", "--batch_size=8",
+         "--epochs=1", f"--model_dir={tmp_path}/run", "--verbose=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tensorflow loaded: False" in result.stdout
+    for words in ("oneDNN", "cuda", "cuInit", "absl::InitializeLog"):
+        assert words not in result.stderr, result.stderr[-2000:]

@@ -16,10 +16,10 @@ import benchmark as benchmark_tool  # tools/benchmark.py (conftest puts tools/ o
 import pytest
 
 from keras_resnet.benchmark import memory, modes, protocol, torch_twins
+from keras_resnet.benchmark.errors import BenchmarkError
 from keras_resnet.benchmark.report import format_report
 from keras_resnet.benchmark.settings import Settings
-from keras_resnet.pipeline import config
-from keras_resnet.pipeline.errors import BenchmarkError
+from keras_resnet.pipeline.run import config
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None

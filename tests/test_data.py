@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 from conftest import check_cutout_placement, check_only_squares_changed
 
-from keras_resnet.pipeline import data, sources, transforms
+from keras_resnet.pipeline import data
+from keras_resnet.pipeline.data import sources, transforms
 from keras_resnet.pipeline.errors import DataError
 
 
@@ -260,7 +261,7 @@ def test_folder_layouts_that_cannot_be_right_are_refused_by_what_was_found(tmp_p
 
 def test_a_tiny_class_is_a_warning_line(tmp_path, caplog):
     root = _write_images(tmp_path / "tiny", {"cat": 20, "dog": 20, "emu": 1})
-    with caplog.at_level(logging.WARNING, logger="keras_resnet.pipeline.sources"):
+    with caplog.at_level(logging.WARNING, logger="keras_resnet.pipeline.data.sources"):
         bundle = data.load_data("folder", data_dir=str(root), image_size=32, batch_size=4,
                                 val_fraction=0.0)
     assert bundle.class_names == ("cat", "dog", "emu") and bundle.train_size == 41
@@ -269,7 +270,7 @@ def test_a_tiny_class_is_a_warning_line(tmp_path, caplog):
         "such a class is barely learned: add images or drop it"]
     caplog.clear()
     balanced = _write_images(tmp_path / "balanced", {"cat": 20, "dog": 2})
-    with caplog.at_level(logging.WARNING, logger="keras_resnet.pipeline.sources"):
+    with caplog.at_level(logging.WARNING, logger="keras_resnet.pipeline.data.sources"):
         data.load_data("folder", data_dir=str(balanced), image_size=32, batch_size=4)
     assert not caplog.records  # 2 of a median 11: not under a tenth
 

@@ -1,4 +1,4 @@
-"""Device-resident training input (keras_resnet.pipeline.device_data): the augmentation's
+"""Device-resident training input (keras_resnet.pipeline.training.device_data): the augmentation's
 distribution against the recipe, batches as a pure function of (seed, epoch, batch), the
 loop of several steps per call against single steps, and exact resume on the JAX backend.
 
@@ -27,8 +27,9 @@ from test_arrays import NO_TF, make_folder
 
 jax = pytest.importorskip("jax", reason="the device input needs jax (pip install -e .[dev])")
 
-from keras_resnet.pipeline import arrays, device_data  # noqa: E402
-from keras_resnet.pipeline.transforms import augmentation_style  # noqa: E402
+from keras_resnet.pipeline.data import arrays  # noqa: E402
+from keras_resnet.pipeline.data.transforms import augmentation_style  # noqa: E402
+from keras_resnet.pipeline.training import device_data  # noqa: E402
 
 
 def windows(images, size, pad):
@@ -126,7 +127,9 @@ def test_calls_end_at_checkpoints_and_epoch_ends():
 LOOP_SCRIPT = r"""
 import json, os, sys
 import jax, keras, numpy as np
-from keras_resnet.pipeline import arrays, callbacks, device_data
+from keras_resnet.pipeline.data import arrays  # noqa: E402
+from keras_resnet.pipeline.training import callbacks
+from keras_resnet.pipeline.training import device_data
 
 folder, out = sys.argv[1], sys.argv[2]
 bundle = device_data.to_device(arrays.load_arrays(

@@ -22,6 +22,8 @@ from conftest import (
     tool_subprocess,
 )
 
+from keras_resnet.pipeline.deploy import scoring
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, cifar_run_template):
@@ -94,6 +96,48 @@ def test_tflite_file_uses_the_same_preprocessing(run, exported, capsys, tmp_path
                   - np.asarray(keras_result["confusion_matrix"])).sum() <= 4
 
 
+def test_compare_scores_two_models_on_the_same_images(run, exported, capsys, tmp_path):
+    from keras_resnet import pipeline
+
+    out_json = tmp_path / "compare.json"
+    status, out, err = _evaluate(capsys, f"--model={run / 'model.keras'}",
+                                 f"--compare={exported['uint8']}", "--split=val",
+                                 f"--output_json={out_json}")
+    assert status == 0, err
+    result = json.loads(out_json.read_text())
+    alone = [pipeline.evaluate(path, split="val", dataset="folder",
+                               data_dir=json.loads((run / "config.json").read_text())[
+                                   "data_dir"], confusion_png=tmp_path / "c.png")["top1"]
+             for path in (run / "model.keras", exported["uint8"])]
+    assert result["images"] == 500
+    assert (result["top1"], result["other_top1"]) == pytest.approx(alone, abs=1e-9)
+    assert f"model.keras: top-1 {alone[0]:.4f}" in out
+    assert f"model_ptq_int8.tflite: top-1 {alone[1]:.4f}" in out
+    # Images right in one model only account for the difference of the two top-1 figures.
+    assert (result["only_model_right"] - result["only_other_right"]) == round(
+        (alone[0] - alone[1]) * 500)
+    assert 0.8 <= result["agreement"] <= 1.0
+    names = (run / "labels.txt").read_text().split()
+    assert list(result["per_class"]) == names
+    for name in names:
+        c = result["per_class"][name]
+        assert c["count"] == 50 and c["change"] == pytest.approx(c["other_top1"] - c["top1"])
+        assert re.search(rf"^\| {name} \| 50 \| {c['top1']:.4f} \| {c['other_top1']:.4f} \|",
+                         out, re.M)
+    changes = [result["per_class"][n]["change"] for n in result["losing"]]
+    assert changes == sorted(changes) and all(c < 0 for c in changes)
+    if result["losing"]:
+        assert f"Classes losing most: {result['losing'][0]}" in out
+
+
+def test_compare_bad_input(run, capsys, tmp_path):
+    model = f"--model={run / 'model.keras'}"
+    err = tool_error(capsys, "evaluate", model, f"--compare={tmp_path / 'none.tflite'}")
+    assert "none.tflite does not exist" in err
+    assert "leave out --tta" in tool_error(capsys, "evaluate", model,
+                                           f"--compare={run / 'model.keras'}", "--tta=flip")
+
+
 @pytest.mark.parametrize("kind", ["float32", "uint8"])
 def test_mediapipe_and_litert_agree_on_real_images(exported, kind, capsys, tmp_path):
     """MediaPipe Tasks' ImageClassifier, with no options, runs the exported files.
@@ -103,7 +147,7 @@ def test_mediapipe_and_litert_agree_on_real_images(exported, kind, capsys, tmp_p
     same pixels: expected equal; the bound allows one image).
     """
     require_mediapipe()
-    from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import MediaPipeClassifier
 
     path = exported[kind]
     classifier = MediaPipeClassifier(path)
@@ -127,21 +171,21 @@ def test_mediapipe_and_litert_agree_on_real_images(exported, kind, capsys, tmp_p
 
 def test_flip_tta_averages_each_image_with_its_mirror(run, capsys, tmp_path):
     from keras_resnet import pipeline
-    from keras_resnet.pipeline import data, evaluation
+    from keras_resnet.pipeline import data
 
     plain = pipeline.evaluate(run / "model.keras", split="val", confusion_png=tmp_path / "a.png")
     flip = pipeline.evaluate(run / "model.keras", split="val", tta="flip",
                              confusion_png=tmp_path / "b.png")
     assert flip["tta"] == "flip" and flip["images"] == plain["images"] == 500
     # the same figure by hand: mean of the softmax of each image and its mirror
-    predictor = evaluation.load_predictor(run / "model.keras")
+    predictor = scoring.load_predictor(run / "model.keras")
     split = data.eval_data("folder", json.loads((run / "config.json").read_text())["data_dir"],
                            "val", 32, 100)
     hits = 0
     for images, labels in split.dataset:
         images = np.asarray(images)
-        p = (evaluation.probabilities(predictor(images))
-             + evaluation.probabilities(predictor(images[:, :, ::-1]))) / 2
+        p = (scoring.probabilities(predictor(images))
+             + scoring.probabilities(predictor(images[:, :, ::-1]))) / 2
         hits += int((p.argmax(-1) == np.asarray(labels)).sum())
     assert flip["top1"] == pytest.approx(hits / 500)
     status, out, _ = _evaluate(capsys, f"--model={run / 'model.keras'}", "--split=val",
@@ -230,7 +274,7 @@ EGL_LINE = ("MediaPipe Tasks cannot load its native library (libEGL.so.1 missing
 
 
 def test_mediapipe_load_failures_are_one_line_with_the_fix():
-    from keras_resnet.pipeline.mediapipe_tasks import describe_load_failure
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import describe_load_failure
 
     assert describe_load_failure(OSError(EGL_MISSING)) == EGL_LINE
     assert describe_load_failure(ImportError(
@@ -249,8 +293,8 @@ def test_mediapipe_without_its_native_library_skips_and_refuses(monkeypatch, tmp
                                                                 capsys):
     """As on python:3.11-slim: MediaPipe installed, libmediapipe.so's libEGL.so.1 absent."""
     bindings = pytest.importorskip("mediapipe.tasks.python.core.mediapipe_c_bindings")
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import MediaPipeClassifier, unavailable
     from keras_resnet.pipeline.errors import ExportError
-    from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier, unavailable
 
     def refuse(*args, **kwargs):
         raise OSError(EGL_MISSING)
@@ -296,7 +340,7 @@ def test_predict_batches_streams_the_first_images_of_a_dataset():
     """Export and QAT score their models batch by batch: the first ``limit`` images (None:
     all), each predictor's classes in dataset order, the labels beside them, and the score
     rows of the first ``keep`` images only."""
-    from keras_resnet.pipeline.evaluation import predict_batches
+    from keras_resnet.pipeline.deploy.scoring import predict_batches
 
     rng = np.random.default_rng(0)
     batches = [(rng.uniform(0, 255, (n, 4, 4, 3)).astype("float32"),

@@ -6,6 +6,7 @@ in conftest) is the run folder. Nothing here imports tfmot.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import copy_run, litert_scores, require_mediapipe, tool, tool_error
 
+from keras_resnet.pipeline.deploy import scoring
 from keras_resnet.pipeline.errors import ExportError
 
 
@@ -36,26 +38,26 @@ def run_copy(cifar_run_template, tmp_path):
 
 
 def test_float32_export_matches_keras(trained):
-    from keras_resnet.pipeline import exporting, tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     _, model, images, _ = trained
-    content = tflite.convert(exporting.with_softmax(model), "float32")
+    content = tflite.convert(scoring.with_softmax(model), "float32")
     report = tflite.audit(content, int8=False)
     assert report.input_type == "FLOAT32" and "CONV_2D" in report.ops
     assert report.ends_in_softmax and report.num_outputs == 10
     probabilities = litert_scores(content, images)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probabilities,
-                               exporting.softmax(model.predict(images, verbose=0)), atol=1e-5)
+                               scoring.softmax(model.predict(images, verbose=0)), atol=1e-5)
 
 
 @pytest.mark.parametrize("io", ["float32", "uint8", "int8"])
 def test_ptq_int8_is_all_int8_and_close_to_keras(trained, io):
-    from keras_resnet.pipeline import exporting, tflite
-    from keras_resnet.pipeline.litert import LiteRTModel
+    from keras_resnet.pipeline.deploy import tflite
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
 
     _, model, images, _ = trained
-    content = tflite.convert(exporting.with_softmax(model), "ptq_int8", io=io,
+    content = tflite.convert(scoring.with_softmax(model), "ptq_int8", io=io,
                              representative=images)
     report = tflite.audit(content, int8=True)
     assert report.mac_types and all(t[1:] == ("INT8",) * 3 for t in report.mac_types)
@@ -67,7 +69,7 @@ def test_ptq_int8_is_all_int8_and_close_to_keras(trained, io):
         assert scale == pytest.approx(1.0) and zero == (0 if io == "uint8" else -128)
         # int8 softmax output: TFLite's fixed 1/256 steps
         assert runtime.output["quantization"][0] == pytest.approx(1 / 256)
-    want = exporting.softmax(model.predict(images, verbose=0))
+    want = scoring.softmax(model.predict(images, verbose=0))
     got = runtime.predict(images)
     # Probabilities within a few 1/256 quantization steps; the same top class nearly always.
     assert np.max(np.abs(got - want)) < 0.1
@@ -77,7 +79,7 @@ def test_ptq_int8_is_all_int8_and_close_to_keras(trained, io):
 def test_audit_fails_on_flex_op():
     import tensorflow as tf
 
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     erf = tf.function(tf.math.erf, input_signature=[tf.TensorSpec([1, 4], tf.float32)])
     converter = tf.lite.TFLiteConverter.from_concrete_functions([erf.get_concrete_function()],
@@ -94,7 +96,7 @@ def test_convert_refuses_flex_ops():
     import keras
     import tensorflow as tf
 
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Lambda(tf.math.erf)(inputs))
@@ -104,7 +106,7 @@ def test_convert_refuses_flex_ops():
 
 @pytest.mark.parametrize("mode", ["float32", "dynamic"])
 def test_audit_fails_on_float_conv_in_int8_file(trained, mode):
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     content = tflite.convert(trained[1], mode)
     tflite.audit(content, int8=False)  # a fine float file ...
@@ -113,9 +115,9 @@ def test_audit_fails_on_float_conv_in_int8_file(trained, mode):
 
 
 def test_metadata_refuses_labels_that_do_not_fit(trained):
-    from keras_resnet.pipeline import exporting, metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
 
-    content = tflite.convert(exporting.with_softmax(trained[1]), "float32")
+    content = tflite.convert(scoring.with_softmax(trained[1]), "float32")
     for labels, message in ((list("abcdefghi"), "labels has 9 class names but the model has "
                                                 "10 outputs"),
                             (["a", "b", "", *"cdefghi"], "non-empty single-line")):
@@ -126,7 +128,7 @@ def test_metadata_refuses_labels_that_do_not_fit(trained):
 
 
 def test_convert_rejects_bad_requests(trained):
-    from keras_resnet.pipeline import tflite
+    from keras_resnet.pipeline.deploy import tflite
 
     model = trained[1]
     with pytest.raises(tflite.ExportError, match="needs an int8 model"):
@@ -138,7 +140,7 @@ def test_convert_rejects_bad_requests(trained):
 
 
 def test_cli_exports_verifies_and_hands_off(run_copy, capsys):
-    from keras_resnet.pipeline import metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
 
     status, out, _ = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
                           "--eval_samples=200", "--latency_runs=5",
@@ -194,13 +196,25 @@ def _keras_top1(run, images: int) -> float:
     return float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y) * 100)
 
 
-def test_cli_fails_when_int8_accuracy_drops(run_copy, capsys):
-    # A negative allowance turns any int8 file into a failure: exit status 1, not 2.
+def test_cli_fails_when_int8_accuracy_drops(run_copy, capsys, monkeypatch):
+    # An int8 file scoring 50 points below Keras float fails: exit status 1, not 2.
+    from keras_resnet.pipeline import exporting
+
+    verify = exporting.verify
+
+    def fifty_points_lower(*args, **kwargs):
+        row = verify(*args, **kwargs)
+        return dataclasses.replace(row, top1=row.top1 - 50, top1_change=row.top1_change - 50)
+
+    monkeypatch.setattr(exporting, "verify", fifty_points_lower)
     status, _, err = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
                           "--modes=ptq_int8", "--eval_samples=64", "--latency_runs=2",
-                          "--max_accuracy_drop=-100")
+                          "--max_accuracy_drop=1")
     assert status == 1
-    assert "points below Keras float, more than --max_accuracy_drop" in err
+    assert "points below Keras float, more than --max_accuracy_drop=1.0" in err
+    assert tool_error(capsys, "export_tflite", f"--model_dir={run_copy}",
+                      "--max_accuracy_drop=-100") == (
+        "error: --max_accuracy_drop=-100.0 must be at least 0")
 
 
 def _error_of(capsys, *flags) -> str:
@@ -263,7 +277,7 @@ def test_cli_bad_inputs(run_copy, tmp_path, capsys):
 
 
 def test_files_that_are_not_models_are_named(run_copy, tmp_path, capsys):
-    from keras_resnet.pipeline.litert import LiteRTModel
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
 
     fake = tmp_path / "model.tflite"
     fake.write_text("not a flatbuffer")
@@ -325,10 +339,10 @@ def _rich_metadata() -> bytes:
 def test_metadata_reads_as_mediapipe_does_without_its_native_library(trained, monkeypatch):
     """metadata.read is pure Python: the JSON MediaPipe's native converter writes, and it
     still works where libmediapipe.so cannot load (a slim image without libEGL)."""
-    from keras_resnet.pipeline import exporting, metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
 
     require_mediapipe()  # MediaPipe's own converter is the reference
-    plain = tflite.convert(exporting.with_softmax(trained[1]), "float32")
+    plain = tflite.convert(scoring.with_softmax(trained[1]), "float32")
     content = metadata.attach(plain, labels=list("abcdefghij"), variant="resnet8",
                               description="test")
     # importable once attach() has provided the version helper MediaPipe's wheel lacks
@@ -350,3 +364,34 @@ def test_metadata_reads_as_mediapipe_does_without_its_native_library(trained, mo
     assert found["metadata"] == native and found["labels"] == list("abcdefghij")
     assert metadata.attach(plain, labels=list("klmnopqrst"), variant="resnet8",
                            description="again")  # writing needs no native code either
+
+
+def test_cli_reports_gpu_delegate_and_onnx_row(run_copy, capsys):
+    pytest.importorskip("onnxruntime", reason="ONNX export needs onnx, onnxruntime and "
+                        "tf2onnx (pip install -c constraints.txt -e .[train])")
+    from keras_resnet.pipeline.deploy import onnx_export
+
+    status, out, err = tool(capsys, "export_tflite", f"--model_dir={run_copy}",
+                            "--modes=float16,ptq_int8,onnx", "--eval_samples=100",
+                            "--latency_runs=3", "--representative_samples=50")
+    assert status == 0, out + err
+    assert re.search(r"\| float16 \(model_float16.tflite\) \|.*\| all ops \|$", out, re.M)
+    assert re.search(r"\| ptq_int8 .*\| all ops, runs dequantized \|$", out, re.M)
+    assert re.search(r"\| onnx \(model.onnx\) \|.*\| n/a \(ONNX Runtime\) \|$", out, re.M)
+    report = json.loads((run_copy / "export.json").read_text())
+    rows = {r["name"].split()[0]: r for r in report["rows"]}
+    assert rows["float16"]["gpu_delegate"] == "all ops" and rows["float16"]["gpu_fallback"] == []
+    assert rows["ptq_int8"]["gpu_delegate"] == "all ops, runs dequantized"
+    onnx_row = rows["onnx"]
+    assert onnx_row["runtime"] == "ONNX Runtime" and onnx_row["gpu_delegate"] == ""
+    assert abs(onnx_row["top1_change"]) <= 0.1 and onnx_row["max_diff"] < 1e-4
+    assert onnx_row["latency_1"] > 0 and onnx_row["latency_2"] > 0
+    content = (run_copy / "model.onnx").read_bytes()
+    assert onnx_row["size"] == len(content)
+    props = onnx_export.read_metadata(content)
+    assert json.loads(props["labels"]) == (run_copy / "labels.txt").read_text().split()
+    assert "raw" in props["input"] and "0..255" in props["input"]
+    assert props["architecture"] == "resnet8"
+    runner = onnx_export.OnnxModel(path=run_copy / "model.onnx", num_threads=1)
+    assert runner.input.name == "image" and runner.input.shape[1:] == [32, 32, 3]
+    assert runner.session.get_outputs()[0].name == "probabilities"

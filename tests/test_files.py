@@ -1,4 +1,4 @@
-"""files.check_file_format: a model file that exists but is not what its name says."""
+"""formats.check_file_format: a model file that exists but is not what its name says."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import zipfile
 import pytest
 from conftest import tool_error
 
-from keras_resnet.pipeline import files
 from keras_resnet.pipeline.errors import ExportError, UserError
+from keras_resnet.pipeline.run import formats
 
 KINDS = {
     ".keras": ("a Keras archive", "zip header",
@@ -34,11 +34,11 @@ def test_a_file_that_is_not_its_kind_is_named(tmp_path, suffix, content, found):
     path = tmp_path / f"model{suffix}"
     path.write_bytes(content)
     with pytest.raises(UserError) as refused:
-        files.check_file_format(path)
+        formats.check_file_format(path)
     found = found.format(signature=signature)
     assert str(refused.value) == f"{path} is not {kind} ({found}); {fix}"
     with pytest.raises(ExportError):  # the caller's own error class
-        files.check_file_format(path, error=ExportError)
+        formats.check_file_format(path, error=ExportError)
 
 
 def test_real_signatures_pass(tmp_path):
@@ -51,11 +51,11 @@ def test_real_signatures_pass(tmp_path):
             f["x"] = [1, 2, 3]
     (tmp_path / "a.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(64))
     for name in ("a.keras", "a.h5", "a.weights.h5", "b.h5", "a.tflite"):
-        files.check_file_format(tmp_path / name)
+        formats.check_file_format(tmp_path / name)
     # a missing file, or a name the helper does not know, is left to the caller
-    files.check_file_format(tmp_path / "missing.keras")
+    formats.check_file_format(tmp_path / "missing.keras")
     (tmp_path / "notes.txt").write_text("hello")
-    files.check_file_format(tmp_path / "notes.txt")
+    formats.check_file_format(tmp_path / "notes.txt")
 
 
 @pytest.mark.parametrize("name", ["weights.keras", "weights.weights.h5"])

@@ -1,4 +1,4 @@
-"""Folders streamed from disk without TensorFlow (keras_resnet.pipeline.folder_stream):
+"""Folders streamed from disk without TensorFlow (keras_resnet.pipeline.data.folder_stream):
 the ImageNet recipe's crops against TensorFlow's, evaluation pixels against tf.data's,
 the stream as a pure function of (seed, epoch, position), and tools/train.py on JAX with
 224-pixel-style images."""
@@ -16,7 +16,7 @@ from PIL import Image
 from test_arrays import NO_TF
 from test_device_data import jax_env
 
-from keras_resnet.pipeline import folder_stream
+from keras_resnet.pipeline.data import folder_stream
 
 
 def test_crops_are_drawn_as_tensorflow_draws_them():
@@ -78,7 +78,7 @@ def test_training_images_are_crops_mirrored_half_the_time(tmp_path):
 def test_evaluation_pixels_are_tf_datas(tmp_path):
     import tensorflow as tf
 
-    from keras_resnet.pipeline import transforms
+    from keras_resnet.pipeline.data import transforms
 
     path = gradient_jpeg(tmp_path / "g.jpg")
     ours = folder_stream.eval_image(path, 96).astype(int)

@@ -19,7 +19,8 @@ from conftest import python_subprocess, saved_layers
 
 import keras_resnet
 from keras_resnet import blocks
-from keras_resnet.pipeline import config, fused_batch_norm, network, optimization
+from keras_resnet.pipeline.run import config
+from keras_resnet.pipeline.training import fused_batch_norm, network, optimization
 
 FUSED = fused_batch_norm.BatchNormalization
 
@@ -208,7 +209,7 @@ def test_save_model_writes_stock_float32_with_the_trained_state(tmp_path):
     resolved = config.resolve(config.TrainConfig(depth=8, dataset="synthetic", epochs=1))
     model = network.build_training_model(resolved, 10, policy="mixed_bfloat16")
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
-    twin = network.build_twin(resolved, 10)
+    twin = network.build_stock_model(resolved, 10)
     for m in (model, twin):
         m.get_layer("conv1_bn").trainable = False
         optimization.prepare_for_training(m, resolved, 10, steps_per_epoch=4)
@@ -240,7 +241,7 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 import keras
 import numpy as np
 import keras_resnet
-from keras_resnet.pipeline import fused_batch_norm
+from keras_resnet.pipeline.training import fused_batch_norm
 
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)

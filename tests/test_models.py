@@ -288,14 +288,15 @@ def test_config_depth_property_matches_name():
     assert kr.VARIANTS["wrn_28_10"].depth == 28 and kr.VARIANTS["wrn_16_8"].depth == 16
 
 
-def test_readme_model_table_matches_the_golden_counts():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_docs_model_table_matches_the_golden_counts():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     table = readme.split("<!-- model-table:begin -->")[1].split("<!-- model-table:end -->")[0]
     rows = {}
     for line in table.strip().splitlines()[2:]:
         cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
         rows[cells[1]] = (int(cells[2]), int(cells[3].replace(",", "")), cells[0])
-    assert set(rows) == set(kr.VARIANTS), "regenerate: python tools/model_table.py --readme"
+    assert set(rows) == set(kr.VARIANTS), (
+        "regenerate: python tools/model_table.py --readme=docs/models.md")
     for name, (depth, params, public) in rows.items():
         assert params == GOLDEN_TRAINABLE[name], name
         assert depth == kr.VARIANTS[name].depth and kr.CONSTRUCTORS[public] == name

@@ -47,8 +47,8 @@ _cli.setup()
 import tensorflow_datasets  # noqa: F401 - libraries that would set a format of their own
 from keras_resnet import pipeline  # noqa: F401
 logging.getLogger("keras_resnet").setLevel(logging.INFO)  # as tools/train.py sets it
-logging.getLogger("keras_resnet.pipeline.sources").warning("class folder(s) bird (2) ...")
-logging.getLogger("keras_resnet.pipeline.network").info("initialised 3 layers")
+logging.getLogger("keras_resnet.pipeline.data.sources").warning("class folder(s) bird (2) ...")
+logging.getLogger("keras_resnet.pipeline.training.network").info("initialised 3 layers")
 logging.getLogger("absl").info("not shown")
 """
 

@@ -17,9 +17,9 @@ from conftest import python_subprocess
 NOTEBOOK = """
     import json, sys
     from keras_resnet import pipeline
-    from keras_resnet.pipeline import precision
+    from keras_resnet.pipeline.training import machine
 
-    precision.host_cpu_flags = lambda: frozenset({"amx_bf16", "avx512_bf16"})
+    machine.host_cpu_flags = lambda: frozenset({"amx_bf16", "avx512_bf16"})
     run = sys.argv[1]
     result = pipeline.train(pipeline.TrainConfig(depth=8, dataset="digits", epochs=2,
                                                  batch_size=64, model_dir=run,

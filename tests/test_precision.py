@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from keras_resnet.pipeline import precision
 from keras_resnet.pipeline.errors import UserError
+from keras_resnet.pipeline.training import machine, precision
 
 XEON_AMX = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 EPYC_AVX512 = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}
@@ -44,11 +44,11 @@ def test_cpu_flags_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\n"
                        "flags\t\t: fpu sse avx2 avx512f avx512_bf16\n\nprocessor\t: 1\n")
-    flags = precision.cpu_flags(str(cpuinfo))
+    flags = machine.cpu_flags(str(cpuinfo))
     assert {"avx2", "avx512_bf16"} <= flags
-    assert precision.bf16_flags(flags) == ("avx512_bf16",)
-    assert precision.cpu_flags(str(tmp_path / "missing")) == frozenset()
-    assert isinstance(precision.host_cpu_flags(), frozenset)
+    assert machine.bf16_flags(flags) == ("avx512_bf16",)
+    assert machine.cpu_flags(str(tmp_path / "missing")) == frozenset()
+    assert isinstance(machine.host_cpu_flags(), frozenset)
 
 
 def test_a_resumed_run_keeps_the_policy_it_started_with(caplog):

@@ -62,7 +62,7 @@ def test_qat_writes_models_and_report(qat_run):
     # By default the models are scored on the whole validation split (val/: 500 images).
     assert handoff["validation_images"] == report["eval_images"] == 500
     assert "top-1 on 500 validation images: float" in stdout
-    from keras_resnet.pipeline import metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
 
     content = (run / "model_int8.tflite").read_bytes()
     assert tflite.inspect(content).ends_in_softmax and "SOFTMAX" in report["int8_ops"]
@@ -76,8 +76,9 @@ def test_int8_agrees_with_qat_model_and_frozen_layers_stay_frozen(qat_run, cifar
     out = python_subprocess("""
         import json, sys
         import keras, numpy as np
-        from keras_resnet.pipeline import calibration, data
-        from keras_resnet.pipeline.litert import LiteRTModel
+        from keras_resnet.pipeline.quantization import calibration
+        from keras_resnet.pipeline import data
+        from keras_resnet.pipeline.deploy.litert import LiteRTModel
         run, data_dir = sys.argv[1:]
         model = keras.saving.load_model(f"{run}/model.keras")
         val = data.eval_data("folder", data_dir, "val", 32, 100)
@@ -106,8 +107,8 @@ def test_int8_agrees_with_qat_model_and_frozen_layers_stay_frozen(qat_run, cifar
 
 
 def test_export_verifies_qat_and_float_files(qat_run, tmp_path, capsys):
-    from keras_resnet.pipeline import tflite
-    from keras_resnet.pipeline.litert import LiteRTModel
+    from keras_resnet.pipeline.deploy import tflite
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
 
     run = copy_run(qat_run[0], tmp_path / "run")
     status, out, _ = tool(capsys, "export_tflite", f"--model_dir={run}",
@@ -149,9 +150,11 @@ _VARIANTS_SCRIPT = """
     from pathlib import Path
     import keras, numpy as np
     import keras_resnet
-    from keras_resnet.pipeline import calibration, data, quantization, quantize_configs, tflite
-    from keras_resnet.pipeline.litert import LiteRTModel
-    from keras_resnet.pipeline.rundir import Run
+    from keras_resnet.pipeline.quantization import calibration, aware, quantize_configs
+    from keras_resnet.pipeline import data
+    from keras_resnet.pipeline.deploy import tflite
+    from keras_resnet.pipeline.deploy.litert import LiteRTModel
+    from keras_resnet.pipeline.run.reader import Run
 
     data_dir = sys.argv[1]
     val = data.eval_data("folder", data_dir, "train", 32, 64)
@@ -179,7 +182,7 @@ _VARIANTS_SCRIPT = """
                                    rng.normal(0, .1, m.shape), v * rng.uniform(0.5, 2, v.shape)])
         run = Run(path=Path("."), labels=tuple("abcdefghij"), config=dict(
             model=variant, model_options=options, num_classes=10, image_size=32))
-        twin, diff = quantization.build_twin(run, model, sample=images[:8])
+        twin, diff = aware.build_twin(run, model, sample=images[:8])
         qat = quantize_configs.quantize_model(twin, variant=variant)
         calibration.calibrate(qat, val.dataset, steps=1)
         content = tflite.convert(qat, "qat_int8", io="uint8")
@@ -262,7 +265,7 @@ def test_qat_loss_is_the_runs_smoothed_cross_entropy_on_integer_labels():
     out = python_subprocess("""
         import json
         import numpy as np
-        from keras_resnet.pipeline import calibration
+        from keras_resnet.pipeline.quantization import calibration
         logits = np.random.default_rng(0).normal(0, 3, (6, 10)).astype("float32")
         labels = np.array([0, 3, 9, 2, 2, 7])
         print(json.dumps({str(s): float(calibration.sparse_cross_entropy(s)(labels, logits))
@@ -279,8 +282,8 @@ def test_qat_loss_is_the_runs_smoothed_cross_entropy_on_integer_labels():
 
 
 def test_load_qat_names_a_file_that_is_not_hdf5(tmp_path):
-    from keras_resnet.pipeline import calibration
     from keras_resnet.pipeline.errors import QuantizeError
+    from keras_resnet.pipeline.quantization import calibration
 
     fake = tmp_path / "model_qat.h5"
     fake.write_text("version https://git-lfs.github.com/spec/v1\n")  # an LFS pointer

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from keras_resnet.pipeline import rundir, safe_writes
 from keras_resnet.pipeline.errors import RunDirError, WriteError
+from keras_resnet.pipeline.run import checkpoints, safe_writes
+from keras_resnet.pipeline.run import layout as run_folder
 
 
 def _write(path, size):
@@ -27,22 +28,22 @@ def _run_with_checkpoints(tmp_path, epochs=3, keep=2):
     for epoch in range(1, epochs + 1):
         state["history"].append({"epoch": epoch, "loss": 1.0 / epoch})
         state.update(epoch=epoch, best_val_accuracy=0.1 * epoch, best_epoch=epoch)
-        rundir.save_checkpoint(tmp_path, lambda p: _write(p, 5000), state, keep=keep)
-    return tmp_path / rundir.CHECKPOINTS
+        checkpoints.save_checkpoint(tmp_path, lambda p: _write(p, 5000), state, keep=keep)
+    return tmp_path / run_folder.CHECKPOINTS
 
 
 def test_checkpoint_json_records_size_and_sha256_of_each_kept_file(tmp_path):
     folder = _run_with_checkpoints(tmp_path)
-    record = json.loads((folder / rundir.CHECKPOINT_STATE).read_text())
+    record = json.loads((folder / run_folder.CHECKPOINT_STATE).read_text())
     assert [e["weights"] for e in record["checkpoints"]] == [
         "epoch_0002.weights.h5", "epoch_0003.weights.h5"]
-    assert sorted(os.listdir(folder)) == [rundir.CHECKPOINT_STATE, "epoch_0002.weights.h5",
+    assert sorted(os.listdir(folder)) == [run_folder.CHECKPOINT_STATE, "epoch_0002.weights.h5",
                                           "epoch_0003.weights.h5"]  # keep=2
     for entry in record["checkpoints"]:
         path = folder / entry["weights"]
         assert entry["size"] == path.stat().st_size == 5000
-        assert entry["sha256"] == rundir.sha256_of(path)
-    state = rundir.read_checkpoint_state(tmp_path)
+        assert entry["sha256"] == run_folder.sha256_of(path)
+    state = checkpoints.read_checkpoint_state(tmp_path)
     assert (state["epoch"], state["weights"], state["damaged"]) == (
         3, "epoch_0003.weights.h5", [])
 
@@ -55,7 +56,7 @@ def test_checkpoint_json_records_size_and_sha256_of_each_kept_file(tmp_path):
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, damage, problem):
     folder = _run_with_checkpoints(tmp_path)
     damage(folder / "epoch_0003.weights.h5")
-    state = rundir.read_checkpoint_state(tmp_path)
+    state = checkpoints.read_checkpoint_state(tmp_path)
     assert state["weights"] == "epoch_0002.weights.h5"
     assert state["damaged"] == [f"epoch_0003.weights.h5 ({problem})"]
     # the state goes back with it: epoch, best score and history
@@ -69,33 +70,33 @@ def test_no_intact_checkpoint_is_one_line_naming_each(tmp_path):
     os.truncate(folder / "epoch_0003.weights.h5", 10)
     os.remove(folder / "epoch_0002.weights.h5")
     with pytest.raises(RunDirError) as e:
-        rundir.read_checkpoint_state(tmp_path)
+        checkpoints.read_checkpoint_state(tmp_path)
     assert str(e.value) == (
         f"no checkpoint in {folder} is intact (epoch_0003.weights.h5 (10 bytes, 5,000 "
         "recorded); epoch_0002.weights.h5 (missing)); pass overwrite=True to start the run "
         "again")
-    (folder / rundir.CHECKPOINT_STATE).write_text("{not json")
+    (folder / run_folder.CHECKPOINT_STATE).write_text("{not json")
     with pytest.raises(RunDirError, match="checkpoint.json is unreadable"):
-        rundir.read_checkpoint_state(tmp_path)
+        checkpoints.read_checkpoint_state(tmp_path)
 
 
 def test_checkpoint_json_of_older_runs_still_resumes(tmp_path):
-    folder = tmp_path / rundir.CHECKPOINTS
+    folder = tmp_path / run_folder.CHECKPOINTS
     folder.mkdir()
     _write(folder / "epoch_0004.weights.h5", 100)
-    (folder / rundir.CHECKPOINT_STATE).write_text(json.dumps(
+    (folder / run_folder.CHECKPOINT_STATE).write_text(json.dumps(
         {"epoch": 4, "history": [{"epoch": i} for i in range(1, 5)], "phase": 0,
          "weights": "epoch_0004.weights.h5", "best_val_accuracy": 0.5}))
-    state = rundir.read_checkpoint_state(tmp_path)
+    state = checkpoints.read_checkpoint_state(tmp_path)
     assert (state["epoch"], state["step"], state["weights"]) == (4, 0, "epoch_0004.weights.h5")
 
 
 def test_mid_epoch_checkpoints_are_named_by_step(tmp_path):
-    assert rundir.checkpoint_name(3) == "epoch_0003.weights.h5"
-    assert rundir.checkpoint_name(3, 120) == "epoch_0003_step_000120.weights.h5"
+    assert run_folder.checkpoint_name(3) == "epoch_0003.weights.h5"
+    assert run_folder.checkpoint_name(3, 120) == "epoch_0003_step_000120.weights.h5"
     state = {"epoch": 3, "step": 120, "history": [{"epoch": i} for i in (1, 2, 3)]}
-    rundir.save_checkpoint(tmp_path, lambda p: _write(p, 10), state, keep=2)
-    resumed = rundir.read_checkpoint_state(tmp_path)
+    checkpoints.save_checkpoint(tmp_path, lambda p: _write(p, 10), state, keep=2)
+    resumed = checkpoints.read_checkpoint_state(tmp_path)
     assert (resumed["epoch"], resumed["step"]) == (3, 120)
 
 
@@ -112,15 +113,15 @@ def test_a_failed_write_is_one_line_and_leaves_nothing_half_written(tmp_path, co
         _write(path, 100)  # something was written before the failure
         raise OSError(code, os.strerror(code), path)
 
-    state = rundir.read_checkpoint_state(tmp_path)
+    state = checkpoints.read_checkpoint_state(tmp_path)
     state.update(epoch=2)
     with pytest.raises(WriteError) as e:
-        rundir.save_checkpoint(tmp_path, fails, state, keep=2)
+        checkpoints.save_checkpoint(tmp_path, fails, state, keep=2)
     message = str(e.value)
     assert message.startswith(f"could not write {folder}/epoch_0002.weights.h5: {words}")
     assert "\n" not in message
     assert sorted(os.listdir(folder)) == before  # no temporary file, old record kept
-    assert rundir.read_checkpoint_state(tmp_path)["weights"] == "epoch_0001.weights.h5"
+    assert checkpoints.read_checkpoint_state(tmp_path)["weights"] == "epoch_0001.weights.h5"
 
 
 def test_write_failures_hidden_in_library_errors_are_recognised(tmp_path):
@@ -176,7 +177,7 @@ def test_a_real_full_disk_ends_in_one_line_and_the_run_resumes(tmp_path):
         assert lines[-1].startswith(f"error: could not write {run}/") and \
             "no space left on device" in lines[-1], lines[-1]
         assert "Traceback" not in first.stderr
-        state = rundir.read_checkpoint_state(run)
+        state = checkpoints.read_checkpoint_state(run)
         assert state["epoch"] >= 1 and not state["damaged"]
         assert not [f for f in os.listdir(f"{run}/checkpoints") if ".tmp" in f]
         subprocess.run(["mount", "-o", "remount,size=20m", str(mount)], check=True)

@@ -31,8 +31,9 @@ from conftest import saved_layers, tool, tool_error, tool_subprocess
 
 import keras_resnet
 from keras_resnet import pipeline
-from keras_resnet.pipeline import config as config_lib
-from keras_resnet.pipeline import distribute, network, optimization, precision, rundir, safe_writes
+from keras_resnet.pipeline.run import checkpoints, lock, safe_writes
+from keras_resnet.pipeline.run import config as config_lib
+from keras_resnet.pipeline.training import distribute, machine, network, optimization
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=8", "--dataset=digits", "--batch_size=32", "--verbose=false"]
@@ -158,7 +159,14 @@ def test_recipe_changes_name_what_a_run_changed_from_its_recipe():
     (dict(depth=20, freeze_backbone_epochs=2), "freeze_backbone_epochs needs initial_weights"),
     (dict(depth=20, initial_weights="imagenet"),
      "initial_weights='imagenet' is not available for resnet20"),
-    (dict(depth=20, initial_weights="weights.bin"), "must be 'imagenet', a .keras file"),
+    (dict(depth=20, initial_weights="weights.bin"),
+     "must be one of 'imagenet', 'cifar10', a .keras file or a .weights.h5 file"),
+    (dict(depth=110, initial_weights="cifar10"),
+     r"initial_weights='cifar10' is not available for resnet110 \(it exists for resnet20, "
+     r"resnet32, resnet44, resnet56\); for resnet110 choose a .keras file, a .weights.h5 "
+     r"file$"),
+    (dict(depth=50, initial_weights="cifar10"),
+     "not available for resnet50 .*; for resnet50 choose 'imagenet', a .keras file"),
     (dict(depth=20, initial_weights="/no/such.keras"), "does not exist"),
     (dict(depth=50, image_size=16), "image_size=16 is too small for resnet50"),
     (dict(depth=20, recipe="paper"), "recipe='paper' is not valid; choose one of he2015, fast"),
@@ -319,13 +327,11 @@ def test_resume_with_other_options_is_refused(digits_run, tmp_path, capsys):
 
 
 def test_a_run_folder_in_use_is_refused(digits_run, tmp_path, capsys):
-    from keras_resnet.pipeline import rundir
-
     run_dir = tmp_path / "run"
     shutil.copytree(digits_run, run_dir)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from keras_resnet.pipeline import rundir\n"
-         "with rundir.RunLock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
+        [sys.executable, "-c", "import sys, time; from keras_resnet.pipeline.run import lock\n"
+         "with lock.RunLock(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
          str(run_dir)], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -341,7 +347,7 @@ def test_a_run_folder_in_use_is_refused(digits_run, tmp_path, capsys):
                          f"--model_dir={run_dir}")
     assert status == 0 and "resuming" in out
     # a lock that created its folder and nothing else leaves no folder behind
-    with rundir.RunLock(tmp_path / "fresh"):
+    with lock.RunLock(tmp_path / "fresh"):
         assert (tmp_path / "fresh" / ".lock").exists()
     assert not (tmp_path / "fresh").exists()
 
@@ -380,24 +386,34 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(digits_run, tmp_path,
 
 def test_nan_with_no_good_checkpoint_left_starts_the_run_again(digits_run, tmp_path, capsys):
     """Keeping one checkpoint, the only one left holds the weights that gave the bad loss:
-    it goes, with the record of it, so the next run starts again, with other options too."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(digits_run, run_dir)
-    config = read_json(run_dir / "config.json")
-    (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 1e30}))
-    status, _, err = cli(capsys, *TINY, "--epochs=3", "--steps_per_epoch=3",
-                         "--learning_rate=1e30", "--checkpoint_every_steps=1",
-                         "--keep_checkpoints=1", f"--model_dir={run_dir}")
-    assert status == 2 and len(err.strip().splitlines()) == 1
-    assert ("the loss became NaN or infinite at epoch 2, step 2, so training stopped; the "
-            "only checkpoint kept held the weights that gave it and was deleted, so the run "
-            "starts again when run next; lower --learning_rate or check the data") in err
-    assert list((run_dir / "checkpoints").iterdir()) == []
-    assert not (run_dir / "history.csv").exists()
-    status, out, err = cli(capsys, *TINY, "--epochs=1", "--steps_per_epoch=3",
-                           f"--model_dir={run_dir}")
-    assert status == 0, err
-    assert "resuming" not in out and history(run_dir) == [1]
+    it goes, with the record of it. A run that had not finished before then starts again
+    when run next, with other options too; a finished run extended this way keeps its
+    model.keras until told to start again."""
+    for finished in (False, True):
+        run_dir = tmp_path / f"run_{finished}"
+        shutil.copytree(digits_run, run_dir)
+        if not finished:
+            for name in ("model.keras", "best.keras"):
+                (run_dir / name).unlink()
+        config = read_json(run_dir / "config.json")
+        (run_dir / "config.json").write_text(json.dumps({**config, "learning_rate": 1e30}))
+        status, _, err = cli(capsys, *TINY, "--epochs=3", "--steps_per_epoch=3",
+                             "--learning_rate=1e30", "--checkpoint_every_steps=1",
+                             "--keep_checkpoints=1", f"--model_dir={run_dir}")
+        assert status == 2 and len(err.strip().splitlines()) == 1
+        kept = ("the finished model.keras stays, so start again with --overwrite and a lower "
+                "--learning_rate, or check the data" if finished else
+                "so the run starts again when run next; lower --learning_rate or check the data")
+        assert ("the loss became NaN or infinite at epoch 2, step 2, so training stopped; the "
+                "only checkpoint kept held the weights that gave it and was deleted" in err)
+        assert err.strip().endswith(kept), err
+        assert list((run_dir / "checkpoints").iterdir()) == []
+        assert not (run_dir / "history.csv").exists()
+        again = ["--overwrite"] if finished else []
+        status, out, err = cli(capsys, *TINY, "--epochs=1", "--steps_per_epoch=3",
+                               f"--model_dir={run_dir}", *again)
+        assert status == 0, err
+        assert "resuming" not in out and history(run_dir) == [1]
 
 
 def test_weights_diverged_in_the_last_step_are_never_saved(tmp_path, capsys):
@@ -441,8 +457,8 @@ def test_cli_bad_data(tmp_path, capsys):
     status, _, err = cli(capsys, "--depth=20", "--dataset=folder", f"--data_dir={root}",
                          f"--model_dir={tmp_path / 'run'}")
     assert status == 2 and f"class folder {root / 'dog'} holds no images" in err
-    status, _, err = cli(capsys, "--depth=20", "--dataset=cifar10", f"--data_dir={tmp_path}",
-                         f"--model_dir={tmp_path / 'run'}")
+    status, _, err = cli(capsys, "--depth=20", "--dataset=cifar10",
+                         f"--data_dir={tmp_path / 'tfds'}", f"--model_dir={tmp_path / 'run'}")
     assert status == 2 and "TFDS dataset 'cifar10' is not prepared" in err
 
 
@@ -451,7 +467,7 @@ def test_mixed_precision_true_without_native_bfloat16_is_refused(tmp_path, capsy
                                                                  monkeypatch):
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("with a GPU, mixed_precision=true is float16")
-    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(machine, "host_cpu_flags", lambda: frozenset({"avx2", "fma"}))
     status, _, err = cli(capsys, *TINY, "--mixed_precision=true",
                          f"--model_dir={tmp_path / 'run'}")
     assert status == 2 and err.strip() == (
@@ -464,7 +480,7 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog
     """auto picks bfloat16 where the CPU has it; every saved .keras file is float32 and
     holds stock layers; the checkpoint loads into a stock float32 model; the run resumed
     on a CPU without bfloat16 keeps its policy, with a warning."""
-    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(machine, "host_cpu_flags", lambda: frozenset({"avx512_bf16"}))
     run = tmp_path / "run"
     metrics = pipeline.train(pipeline.TrainConfig(
         depth=8, dataset="digits", epochs=2, batch_size=32, steps_per_epoch=4,
@@ -490,7 +506,7 @@ def test_a_bfloat16_run_saves_stock_float32_models(tmp_path, monkeypatch, caplog
     if gpu:
         return
     # Resumed on a CPU without native bfloat16, the run keeps the policy it started with.
-    monkeypatch.setattr(precision, "host_cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(machine, "host_cpu_flags", lambda: frozenset({"avx2"}))
     with caplog.at_level(logging.WARNING, logger="keras_resnet"):
         pipeline.train(pipeline.TrainConfig(
             depth=8, dataset="digits", epochs=3, batch_size=32, steps_per_epoch=4,
@@ -662,6 +678,38 @@ def test_initial_weights_new_head_flat_graph(digits_run, tmp_path):
             depth=8, initial_weights=str(tmp_path / "other.keras"))), num_classes=3)
 
 
+def test_initial_weights_shipped_cifar10_new_head(tmp_path, capsys):
+    """initial_weights="cifar10" loads the weights shipped in the package (no download)
+    into every layer but the new head, as "imagenet" does."""
+    shipped = keras_resnet.ResNet20(weights="cifar10")
+    resolved = pipeline.resolve(pipeline.TrainConfig(depth=20, initial_weights="cifar10"))
+    assert resolved.model_options == {}
+    model = network.build_model(resolved, num_classes=3)
+    assert model.output_shape == (None, 3)
+    assert not any(isinstance(layer, keras.Model) for layer in model.layers)  # flat
+    for layer in model.layers:
+        if layer.weights and layer.name != "predictions":
+            for a, b in zip(layer.get_weights(), shipped.get_layer(layer.name).get_weights(),
+                            strict=True):
+                np.testing.assert_array_equal(a, b)
+    fresh = network.build_model(resolved, num_classes=3, initial_weights=False)
+    assert not np.array_equal(model.get_layer("conv1_conv").get_weights()[0],
+                              fresh.get_layer("conv1_conv").get_weights()[0])
+    data_dir = _three_classes(tmp_path / "images")
+    status, out, _ = tool(capsys, "train", "--depth=20", "--initial_weights=cifar10",
+                          "--dataset=folder", f"--data_dir={data_dir}", "--epochs=2",
+                          "--batch_size=8", "--freeze_backbone_epochs=1",
+                          "--val_fraction=0.25", f"--model_dir={tmp_path / 'run'}",
+                          "--verbose=false")
+    assert status == 0, out
+    assert history(tmp_path / "run") == [1, 2]
+    changed = pipeline.resolve(pipeline.TrainConfig(
+        depth=32, model_options={"se_ratio": 0.25}, initial_weights="cifar10"))
+    with pytest.raises(pipeline.UserError,
+                       match="shipped cifar10 weights of resnet32 lacks layer.*so it is not"):
+        network.build_model(changed, num_classes=3)
+
+
 def test_fine_tune_with_frozen_backbone_then_resume(digits_run, tmp_path):
     data_dir = _three_classes(tmp_path / "images")
     config = pipeline.TrainConfig(depth=8, dataset="folder", data_dir=str(data_dir), epochs=1,
@@ -712,19 +760,24 @@ def test_the_weight_average_starts_again_at_the_weights_of_the_unfrozen_phase(di
 def test_tfds_training_through_mock_data(tmp_path):
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder("cifar10", data_dir=str(tmp_path))
+    data_dir = str(tmp_path / "tfds")
+    builder = tfds.builder("cifar10", data_dir=data_dir)
     builder.info.set_splits(tfds.core.SplitDict([
         tfds.core.SplitInfo(name=n, shard_lengths=[k], num_bytes=0, filename_template=None)
         for n, k in (("train", 64), ("test", 16))]))
     os.makedirs(builder.data_dir, exist_ok=True)
     builder.info.write_to_directory(builder.data_dir)
     with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_FILES,
-                                data_dir=str(tmp_path)):
+                                data_dir=data_dir):
         metrics = pipeline.train(pipeline.TrainConfig(
-            depth=8, dataset="cifar10", data_dir=str(tmp_path), epochs=1, batch_size=16,
+            depth=8, dataset="cifar10", data_dir=data_dir, epochs=1, batch_size=16,
             steps_per_epoch=2, model_dir=str(tmp_path / "run"), verbose="false"))
     assert metrics["epochs"] == 1 and metrics["val_images"] == 6  # 10% of train carved
-    assert read_json(tmp_path / "run" / "config.json")["dataset"] == "cifar10"
+    config = read_json(tmp_path / "run" / "config.json")
+    assert config["dataset"] == "cifar10"
+    # the data fingerprint of a TFDS dataset: its name, version and split sizes
+    assert config["data"]["kind"] == "tfds" and config["data"]["name"] == "cifar10"
+    assert config["data"]["splits"] == {"test": 16, "train": 64}
 
 
 # --------------------------------------------------------------------------- subprocesses
@@ -861,7 +914,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_rerun_completes(tmp_path,
                                                                       monkeypatch):
     run_dir = tmp_path / "run"
     common = [*TINY, "--steps_per_epoch=3", f"--model_dir={run_dir}"]
-    real = rundir.save_checkpoint
+    real = checkpoints.save_checkpoint
 
     def disk_full(model_dir, save_weights, state, **kw):
         if state["epoch"] == 2:
@@ -869,12 +922,12 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_rerun_completes(tmp_path,
                                                          "epoch_0002.weights.h5"), errno.ENOSPC)
         return real(model_dir, save_weights, state, **kw)
 
-    monkeypatch.setattr(rundir, "save_checkpoint", disk_full)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", disk_full)
     err = tool_error(capsys, "train", *common, "--epochs=3")
     assert "could not write" in err and "no space left on device" in err
     assert err.endswith("then run the same command to resume (from "
                         "checkpoints/epoch_0001.weights.h5, which is intact)")
-    monkeypatch.setattr(rundir, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
     status, out, err = cli(capsys, *common, "--epochs=3")
     assert status == 0, err
     assert f"resuming {run_dir} after epoch 1/3" in out and history(run_dir) == [1, 2, 3]

@@ -259,6 +259,21 @@ def test_readme_weights_table_is_generated_from_the_registry():
                                   f"exists for {have}")
 
 
+def test_zoo_page_tables_are_generated_from_the_model_cards():
+    import model_table  # tools/model_table.py
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "zoo.md").read_text()
+    for marker in ("weights-table", "zoo-table"):
+        begin, end = f"<!-- {marker}:begin -->\n", f"\n<!-- {marker}:end -->"
+        assert page[page.index(begin) + len(begin):page.index(end)] == \
+            model_table.TABLES[marker](), (
+                "regenerate: python tools/model_table.py --readme=docs/zoo.md")
+    rows = model_table.zoo_table().splitlines()[2:]
+    assert len(rows) == len(kr.shipped_weights())
+    assert "`python tools/train.py --depth=56 " in rows[-1] and "cutout 16" in rows[-1]
+    assert "2 cores (amx_bf16, avx512_bf16), mixed_bfloat16, 2.4 h |" in rows[-1]
+
+
 def test_weights_table_says_dash_for_what_a_card_does_not_record(monkeypatch):
     import model_table  # tools/model_table.py
 

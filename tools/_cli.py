@@ -80,9 +80,9 @@ def error(message: str, status: int = 2) -> int:
 
 def finish(status: int) -> typing.NoReturn:
     """Exits with ``status``; a task of a cluster leaves with the others
-    (:func:`keras_resnet.pipeline.distribute.leave_cluster`)."""
+    (:func:`keras_resnet.pipeline.training.distribute.leave_cluster`)."""
     if "TF_CONFIG" in os.environ:
-        from keras_resnet.pipeline import distribute
+        from keras_resnet.pipeline.training import distribute
 
         distribute.leave_cluster(status)
     sys.exit(status)
@@ -128,13 +128,17 @@ def call(flag_values: flags.FlagValues, function, first: str):
     function's arguments.
 
     Returns:
-        ``(None, result)``, or ``(2, None)`` after printing a UserError as one line.
+        ``(None, result)``, or ``(2, None)`` after printing a UserError as one line, or
+        ``(128 + signal, None)`` after a stop by SIGTERM/SIGINT.
     """
-    from keras_resnet.pipeline.errors import UserError
+    from keras_resnet.pipeline.errors import Interrupted, UserError
 
     options = {name: flag_values[name].value for name in flag_values if name != first}
     try:
         return None, function(flag_values[first].value, **options)
+    except Interrupted as e:  # SIGTERM/SIGINT: one line, 128 + the signal
+        print(str(e), file=sys.stderr, flush=True)
+        return e.status, None
     except UserError as e:
         return user_error(e, flag_values), None
 

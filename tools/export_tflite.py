@@ -1,4 +1,5 @@
-"""Exports a run to TFLite and verifies every file: ``tools/export_tflite.py --model_dir=RUN``.
+"""Exports a run to TFLite (and ONNX) and verifies every file:
+``tools/export_tflite.py --model_dir=RUN``.
 
 Modes (``--modes``, comma-separated; default ``all``):
 
@@ -10,15 +11,25 @@ Modes (``--modes``, comma-separated; default ``all``):
     qat_int8   RUN/model_int8.tflite      the QAT int8 model: the file tools/qat.py wrote,
                                           or converted from RUN/model_qat.h5 when absent
                                           (or with --overwrite)
+    onnx       RUN/model.onnx             the float model for ONNX Runtime (class names
+                                          and input convention in its metadata_props)
 
-``all`` includes qat_int8 only when tools/qat.py has run. Every graph ends in a softmax and
+``all`` is every TFLite mode (qat_int8 only when tools/qat.py has run); onnx is written
+when named. Every graph ends in a softmax and
 carries TFLite metadata (labels, input normalisation, description) that MediaPipe Tasks'
 ImageClassifier reads; see ``python tools/inspect_tflite.py FILE``. Every file is converted
 with TFLite builtin ops only and audited (no Flex/custom ops; in int8 files every CONV_2D,
 DEPTHWISE_CONV_2D and FULLY_CONNECTED runs in int8), then run with the LiteRT interpreter on
-the run's validation split. One table compares size, top-1, scores against the Keras float
-model and latency with 1 and 2 threads. A ``<file>.json`` next to each file is the
-hand-off for apps that do not read metadata.
+the run's validation split (model.onnx with ONNX Runtime). One table compares size, top-1,
+scores against the Keras float model, latency with 1 and 2 threads and whether LiteRT's
+GPU delegate takes every op of the file (else it names the ops that fall back to the CPU).
+A ``<file>.json`` next to each file is the hand-off for apps that do not read metadata.
+
+int8 diagnosis and repair: when the ptq_int8 file loses more than --max_accuracy_drop (or
+with --layer_errors), the per-layer quantization error of TFLite's quantization debugger
+is printed, largest first. --keep_float=auto re-exports ptq_int8 with the layers adding
+most error kept in float, two at a time, until it is within --max_accuracy_drop;
+--keep_float=NAME,... keeps the named Keras layers float. The file keeps builtin ops only.
 
 Exit status: 0 when every int8 file is within --max_accuracy_drop points of the Keras
 float top-1, 1 when one is not, 2 for bad input (one line ``error: ...``).
@@ -26,6 +37,9 @@ float top-1, 1 when one is not, 2 for bad input (one line ``error: ...``).
 Examples:
     python tools/export_tflite.py --model_dir=runs/r20
     python tools/export_tflite.py --model_dir=runs/r20 --modes=ptq_int8 --io=uint8 \\
+        --overwrite
+    python tools/export_tflite.py --model_dir=runs/r20 --modes=float16,onnx
+    python tools/export_tflite.py --model_dir=runs/r20 --modes=ptq_int8 --keep_float=auto \\
         --overwrite
 """
 
@@ -45,7 +59,7 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("model_dir", None, "run folder of tools/train.py (model.keras, "
                     "config.json, labels.txt).", flag_values=FLAGS)
 flags.DEFINE_list("modes", ["all"], "comma-separated: float32, float16, dynamic, ptq_int8, "
-                  "qat_int8, or all.", flag_values=FLAGS)
+                  "qat_int8, onnx, or all (the TFLite modes).", flag_values=FLAGS)
 flags.DEFINE_string("io", "float32", "input/output type of the int8 files: float32, int8 or "
                     "uint8 (uint8: camera frames go in as they are).", flag_values=FLAGS)
 flags.DEFINE_string("dataset", None, "dataset (default: the run's).", flag_values=FLAGS)
@@ -62,6 +76,12 @@ flags.DEFINE_integer("latency_runs", 50, "timed single-image runs per thread cou
                      flag_values=FLAGS)
 flags.DEFINE_float("max_accuracy_drop", 1.0, "largest allowed top-1 drop (points) of an int8 "
                    "file below the Keras float model.", flag_values=FLAGS)
+flags.DEFINE_string("keep_float", None, "ptq_int8 only: auto (keep the layers adding most "
+                    "quantization error in float until the file is within "
+                    "--max_accuracy_drop) or comma-separated Keras layer names.",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("layer_errors", False, "print the per-layer quantization error of ptq_int8 "
+                  "even when it is within --max_accuracy_drop.", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "replace existing output files.", flag_values=FLAGS)
 
 

@@ -31,10 +31,11 @@ def main(argv: list[str]) -> int:
     if not paths:
         return _cli.error("give the .tflite file to inspect")
     from keras_resnet import pipeline
-    from keras_resnet.pipeline import files, metadata, tflite
+    from keras_resnet.pipeline.deploy import metadata, tflite
+    from keras_resnet.pipeline.run import formats
 
     try:
-        files.check_file_format(paths[0])
+        formats.check_file_format(paths[0])
         with open(paths[0], "rb") as f:
             content = f.read()
         audit = tflite.inspect(content)

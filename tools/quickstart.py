@@ -47,13 +47,13 @@ def _mediapipe_problem() -> str | None:
     """Why MediaPipe Tasks cannot run on this machine (e.g. a slim image without libEGL),
     or None: that step is then skipped with the fix instead of failing the quick start."""
     _cli.setup()  # the check imports TensorFlow (through keras_resnet and MediaPipe)
-    from keras_resnet.pipeline.mediapipe_tasks import unavailable
+    from keras_resnet.pipeline.deploy.mediapipe_tasks import unavailable
 
     return unavailable()
 
 
 def main(argv: list[str]) -> int:
-    status, _ = _cli.parse(FLAGS, argv)
+    status, _ = _cli.parse(FLAGS, argv, doc=__doc__)
     if status is not None:
         return status
     run = Path(FLAGS.model_dir)

@@ -2,7 +2,7 @@
 
 Every option not given takes the recipe of the network: he2015 (He et al. 2015) for
 CIFAR-style nets, imagenet (90 epochs, cosine, warm-up, label smoothing) otherwise;
-``--recipe=fast`` is the short-budget CIFAR recipe (see keras_resnet/pipeline/config.py and
+``--recipe=fast`` is the short-budget CIFAR recipe (see keras_resnet/pipeline/run/config.py and
 BUILD.md). Re-running the same command resumes an interrupted run; only --epochs may change.
 
 Examples:
@@ -31,7 +31,7 @@ _cli.setup()
 
 from absl import flags  # noqa: E402
 
-from keras_resnet.pipeline.config import TrainConfig  # noqa: E402
+from keras_resnet.pipeline.run.config import TrainConfig  # noqa: E402
 
 # Own flag registry: several tools can then be imported into one process (tests).
 FLAGS = flags.FlagValues()

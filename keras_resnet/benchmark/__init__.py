@@ -15,7 +15,8 @@ Method: every measured thing first runs ``warmup`` steps (the first one compiles
 ``windows`` windows of ``steps`` steps, each step ending with its result on the host;
 several measurements are interleaved window by window (A, B, A, B), so machine noise falls
 on all of them alike. Bad requests raise
-:class:`~keras_resnet.pipeline.errors.BenchmarkError` (a ``UserError``) naming the setting.
+:class:`~keras_resnet.benchmark.errors.BenchmarkError` (a ``UserError``) naming the
+setting.
 
 Modules, one concern each:
     settings: Settings, their validation and the model a run measures.

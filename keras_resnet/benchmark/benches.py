@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 
+from keras_resnet.benchmark.errors import BenchmarkError
 from keras_resnet.benchmark.protocol import parse_task, random_images, random_labels
 from keras_resnet.benchmark.report import version
-from keras_resnet.pipeline.errors import BenchmarkError, first_line
+from keras_resnet.pipeline.errors import first_line
 
 # keras_resnet variants that keras.applications also builds.
 APPLICATIONS = {"resnet50": "ResNet50", "resnet101": "ResNet101", "resnet152": "ResNet152"}
@@ -49,7 +50,7 @@ def train_config(*, model=None, depth=None, model_options=None, batch_size=None,
     One epoch without warm-up gives the plain schedule of the recipe over the benchmark's
     steps; the step time does not depend on the schedule.
     """
-    from keras_resnet.pipeline.config import TrainConfig
+    from keras_resnet.pipeline.run.config import TrainConfig
 
     return TrainConfig(depth=depth, model=model, model_options=dict(model_options or {}),
                        dataset="synthetic", batch_size=batch_size, image_size=image_size,
@@ -59,8 +60,8 @@ def train_config(*, model=None, depth=None, model_options=None, batch_size=None,
 
 def resolve_precision(precision: str, backend: str) -> str:
     """The dtype policy of ``precision``; "auto" is tools/train.py's choice on this machine."""
-    from keras_resnet.pipeline.machine import accelerator
-    from keras_resnet.pipeline.precision import choose_policy
+    from keras_resnet.pipeline.training.machine import accelerator
+    from keras_resnet.pipeline.training.precision import choose_policy
 
     if precision != "auto":
         return precision
@@ -71,7 +72,8 @@ def build_and_compile(spec: dict):
     """Builds and compiles the spec's model as training does; returns (model, jit_compile)."""
     import keras
 
-    from keras_resnet.pipeline import config, machine, network, optimization
+    from keras_resnet.pipeline.run import config
+    from keras_resnet.pipeline.training import machine, network, optimization
 
     resolved = config.resolve(train_config(
         model=spec.get("model"), depth=spec.get("depth"),
@@ -103,11 +105,13 @@ class KerasBench:
         apply_threads(spec)
         import keras
 
+        from keras_resnet.pipeline.training import machine
+
         self.keras = keras
         self.spec = spec
-        keras.utils.set_random_seed(spec["seed"])
+        machine.set_random_seed(spec["seed"])
         if spec.get("model_file"):
-            from keras_resnet.pipeline.evaluation import load_predictor
+            from keras_resnet.pipeline.deploy.scoring import load_predictor
 
             predictor = load_predictor(spec["model_file"])
             self.model = predictor.model
@@ -133,7 +137,7 @@ class KerasBench:
                          for layer in self.model.layers),
                      "image_size": self.size, "classes": self.classes}
         if spec.get("model_file") is None:
-            from keras_resnet.pipeline.machine import accelerator
+            from keras_resnet.pipeline.training.machine import accelerator
 
             self.info["device"] = accelerator(keras.config.backend()) or "cpu"
         if keras.config.backend() == "tensorflow":
@@ -178,7 +182,7 @@ class TFLiteBench:
     """A .tflite file on the LiteRT interpreter (one interpreter per batch size)."""
 
     def __init__(self, spec):
-        from keras_resnet.pipeline.litert import LiteRTModel
+        from keras_resnet.pipeline.deploy.litert import LiteRTModel
 
         self.models, self.inputs = {}, {}
         for task in spec["tasks"]:
@@ -207,7 +211,7 @@ class PipelineBench:
         import tensorflow as tf
 
         from keras_resnet.pipeline import data as data_lib
-        from keras_resnet.pipeline.transforms import augmentation_style
+        from keras_resnet.pipeline.data.transforms import augmentation_style
 
         budget, cutout = spec.get("cache_budget_mb"), spec.get("cutout", 0)
         start = time.perf_counter()
@@ -238,12 +242,12 @@ class PipelineBench:
 
 class StreamBench:
     """The training stream of a folder read without TensorFlow
-    (:func:`keras_resnet.pipeline.folder_stream.load_folder_stream`), as JAX and PyTorch
+    (:func:`keras_resnet.pipeline.data.folder_stream.load_folder_stream`), as JAX and PyTorch
     runs read images above 64 pixels."""
 
     def __init__(self, spec):
-        from keras_resnet.pipeline import folder_stream
-        from keras_resnet.pipeline.transforms import augmentation_style
+        from keras_resnet.pipeline.data import folder_stream
+        from keras_resnet.pipeline.data.transforms import augmentation_style
 
         start = time.perf_counter()
         bundle = folder_stream.load_folder_stream(

@@ -1,11 +1,11 @@
 """Whole training epochs on real images, the data on the device: keras_resnet on the JAX
-backend (:mod:`keras_resnet.pipeline.device_data`, as ``tools/train.py`` trains there)
+backend (:mod:`keras_resnet.pipeline.training.device_data`, as ``tools/train.py`` trains there)
 and its plain PyTorch twin, for the ``gpu`` mode.
 
 A task ``"epoch:N"`` is one epoch of N training images (the full batches of one pass);
 ``step`` returns once the epoch's last update is done. Neither side validates or writes
 checkpoints: the epochs are the training part of a run's epochs. Both read the same
-folder with the same decoder (:func:`keras_resnet.pipeline.arrays.load_arrays`), hold the
+folder with the same decoder (:func:`keras_resnet.pipeline.data.arrays.load_arrays`), hold the
 uint8 images on the device, and augment there (zero-pad by size/8, random crop, flip),
 with the same recipe (SGD, momentum, weight decay on kernels, label smoothing).
 """
@@ -20,7 +20,7 @@ from keras_resnet.benchmark.protocol import parse_task
 
 def load_images(spec: dict):
     """The spec's folder as an ArrayBundle (decoded once, as a JAX run holds it)."""
-    from keras_resnet.pipeline import arrays
+    from keras_resnet.pipeline.data import arrays
 
     return arrays.load_arrays("folder", data_dir=spec["data_dir"],
                               image_size=spec["image_size"], batch_size=spec["batch_size"],
@@ -34,7 +34,7 @@ def epoch_images(bundle, batch_size: int) -> int:
 
 def resolved_config(spec: dict):
     """The run the epochs belong to: ``--recipe=fast`` at the spec's depth and batch."""
-    from keras_resnet.pipeline.config import TrainConfig, resolve
+    from keras_resnet.pipeline.run.config import TrainConfig, resolve
 
     return resolve(TrainConfig(depth=spec["depth"], recipe="fast", dataset="folder",
                                batch_size=spec["batch_size"], image_size=spec["image_size"],
@@ -47,7 +47,7 @@ class KerasEpochs:
     def __init__(self, spec):
         import keras
 
-        from keras_resnet.pipeline import device_data, machine, network, optimization
+        from keras_resnet.pipeline.training import device_data, machine, network, optimization
 
         start = time.perf_counter()
         keras.utils.set_random_seed(spec["seed"])

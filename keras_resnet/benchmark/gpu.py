@@ -31,6 +31,7 @@ import subprocess
 import sys
 
 from keras_resnet.benchmark import protocol, runners, torch_twins
+from keras_resnet.benchmark.errors import BenchmarkError
 from keras_resnet.benchmark.report import version
 from keras_resnet.benchmark.settings import (
     COMPARE_PRECISIONS,
@@ -39,7 +40,6 @@ from keras_resnet.benchmark.settings import (
     choose_list,
     need,
 )
-from keras_resnet.pipeline.errors import BenchmarkError
 
 RESNET50_BATCH = 256
 CIFAR_BATCH = 128
@@ -75,7 +75,7 @@ def _torchvision() -> bool:
 
 def _resnet50_specs(s: Settings, torchvision: bool) -> list[dict]:
     from keras_resnet.benchmark.benches import train_config
-    from keras_resnet.pipeline import config
+    from keras_resnet.pipeline.run import config
 
     batch, size = s.batch_size or RESNET50_BATCH, s.image_size or 224
     resolved = config.resolve(train_config(model="resnet50", batch_size=batch,
@@ -109,7 +109,7 @@ def _resnet50_specs(s: Settings, torchvision: bool) -> list[dict]:
 
 
 def _cifar_specs(s: Settings) -> list[dict]:
-    from keras_resnet.pipeline import sources
+    from keras_resnet.pipeline.data import sources
 
     depth, batch = s.depth or CIFAR_DEPTH, s.cifar_batch_size
     (paths, _), _, _, _ = sources.folder_files(s.data_dir, s.val_fraction, s.seed)

@@ -20,6 +20,7 @@ import tempfile
 import time
 
 from keras_resnet.benchmark import runners
+from keras_resnet.benchmark.errors import BenchmarkError
 from keras_resnet.benchmark.modes import pipeline_spec
 from keras_resnet.benchmark.settings import (
     CIFAR_BATCH,
@@ -30,7 +31,7 @@ from keras_resnet.benchmark.settings import (
     choose_list,
     ints,
 )
-from keras_resnet.pipeline.errors import BenchmarkError, choose
+from keras_resnet.pipeline.errors import choose
 
 TRAIN_SCRIPT = REPO / "tools" / "train.py"
 

@@ -12,6 +12,7 @@ import re
 
 from keras_resnet.benchmark import protocol, runners, torch_twins
 from keras_resnet.benchmark.benches import APPLICATIONS
+from keras_resnet.benchmark.errors import BenchmarkError
 from keras_resnet.benchmark.settings import (
     BACKENDS,
     CIFAR_BATCH,
@@ -27,7 +28,7 @@ from keras_resnet.benchmark.settings import (
     need,
     need_backend,
 )
-from keras_resnet.pipeline.errors import BenchmarkError, choose
+from keras_resnet.pipeline.errors import choose
 
 
 def _measure(s: Settings, items):

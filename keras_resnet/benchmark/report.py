@@ -13,7 +13,7 @@ import json
 import os
 import platform
 
-from keras_resnet.pipeline.precision import bf16_flags, cpu_model, host_cpu_flags
+from keras_resnet.pipeline.training.machine import bf16_flags, cpu_model, host_cpu_flags
 
 
 def version(dist: str) -> str | None:
@@ -31,7 +31,7 @@ def machine() -> dict:
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count()}
     info["cpu"] = cpu_model()
-    # The flags that decide whether bfloat16 pays (see keras_resnet.pipeline.precision).
+    # The flags that decide whether bfloat16 pays (see keras_resnet.pipeline.training.precision).
     info["cpu_bf16_flags"] = list(bf16_flags(host_cpu_flags()))
     info["cpu_vector_flags"] = sorted(f for f in host_cpu_flags()
                                       if f.startswith(("avx", "amx")) or f == "fma")

@@ -24,7 +24,8 @@ import traceback
 from pathlib import Path
 
 from keras_resnet.benchmark import benches, epochs, protocol, torch_twins
-from keras_resnet.pipeline.errors import BenchmarkError, UserError, first_line
+from keras_resnet.benchmark.errors import BenchmarkError
+from keras_resnet.pipeline.errors import UserError, first_line
 
 # The folder holding the keras_resnet package: subprocesses import it from there.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])

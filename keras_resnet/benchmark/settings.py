@@ -14,14 +14,15 @@ import types
 import typing
 from pathlib import Path
 
-from keras_resnet.pipeline.config import AUTO_BOOL
-from keras_resnet.pipeline.errors import BenchmarkError, choose
+from keras_resnet.benchmark.errors import BenchmarkError
+from keras_resnet.pipeline.errors import choose
+from keras_resnet.pipeline.run.config import AUTO_BOOL
 
 # The source checkout: tools/train.py and the shared datasets next to it.
 REPO = Path(__file__).resolve().parents[2]
 CIFAR_TAR = str(REPO.parent / "shared" / "datasets" / "cifar10" / "train.tar.gz")
 BACKENDS = ("tensorflow", "jax", "torch")
-# "auto" is what tools/train.py picks here (see keras_resnet.pipeline.precision).
+# "auto" is what tools/train.py picks here (see keras_resnet.pipeline.training.precision).
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 COMPARE_PRECISIONS = ("float32", "mixed_bfloat16")
 COMPARISONS = ("applications", "pytorch")
@@ -31,7 +32,7 @@ TORCH_MODES = ("eager", "compile")
 MEMORY_CHECKS = ("train", "folder")
 FOLDER_SOURCES = ("auto", "cifar", "synthetic")
 # The input pipelines the pipeline mode measures: tf.data (TensorFlow backend) or the
-# folder stream of the other backends (keras_resnet.pipeline.folder_stream).
+# folder stream of the other backends (keras_resnet.pipeline.data.folder_stream).
 PIPELINE_INPUTS = ("tf.data", "stream")
 # Batch sizes when batch_size is unset: the CIFAR recipe's 128; ImageNet-style nets get
 # 32 (the recipe's 256 at 224 pixels takes about a minute a step on a 2-core CPU).
@@ -181,7 +182,8 @@ class Settings:
     def resolve_model(self, *, model=None, depth=None):
         """Validates a model choice; returns (ResolvedConfig, batch, image size, classes)."""
         from keras_resnet.benchmark.benches import train_config
-        from keras_resnet.pipeline import config, data
+        from keras_resnet.pipeline import data
+        from keras_resnet.pipeline.run import config
 
         if model is None and depth is None:
             raise BenchmarkError("pass model=NAME (e.g. resnet20, resnet50) or depth=N "

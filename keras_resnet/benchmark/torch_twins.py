@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib.util
 
 from keras_resnet.benchmark.benches import apply_threads
+from keras_resnet.benchmark.errors import BenchmarkError
 from keras_resnet.benchmark.protocol import parse_task, random_images, random_labels
-from keras_resnet.pipeline.errors import BenchmarkError
 
 BENCH_EXTRA = "pip install -e '.[bench]'"
 
@@ -29,7 +29,7 @@ def torch_arch(resolved) -> dict:
     """The architecture fields of a keras_resnet model that has a plain PyTorch twin.
 
     Args:
-        resolved: a :class:`keras_resnet.pipeline.config.ResolvedConfig`.
+        resolved: a :class:`keras_resnet.pipeline.run.config.ResolvedConfig`.
 
     Raises:
         BenchmarkError: the model has no twin here.
@@ -61,7 +61,7 @@ class TorchBench:
         apply_threads(spec)
         import torch
 
-        from keras_resnet.pipeline.precision import bf16_flags, host_cpu_flags
+        from keras_resnet.pipeline.training.machine import bf16_flags, host_cpu_flags
 
         self.torch = torch
         torch.manual_seed(spec["seed"])

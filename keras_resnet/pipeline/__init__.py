@@ -11,22 +11,29 @@ same fields as the JSON the tools write)::
     exported = pipeline.export("runs/a", modes=["float32", "ptq_int8"])
     report = pipeline.evaluate("runs/a/model_int8.tflite", split="test")
     report["top1"]
+    diff = pipeline.compare("runs/a/model.keras", "runs/a/model_ptq_int8.tflite",
+                            split="val")                     # per class, side by side
 
 Errors a caller can cause are :class:`UserError` (one sentence, naming the argument).
 
-Modules, one concern each:
-    config: TrainConfig, recipes, resolve() -> ResolvedConfig.
-    rundir: the run folder (file names, atomic writes, identity, lock, reading a run).
-    sources, transforms, data: where images come from, per-image transforms, tf.data.
-    arrays: in-memory input for training on another Keras backend (JAX), without tf.data.
-    distribute, optimization, callbacks, training: strategy; schedule, optimizer and
-        compile; per-epoch bookkeeping; train().
-    machine: the backend's GPUs, library versions and the machines a run trained on.
-    quantize_configs, bn_folding, calibration, quantization: QAT and qat().
-    tflite, litert, metadata, exporting: conversion and audit; the LiteRT runner; TFLite
-        metadata; export().
-    mediapipe_tasks, evaluation: MediaPipe Tasks' ImageClassifier; evaluate().
-    errors: UserError and its subclasses.
+Stages, one folder each, in dependency order (a stage imports only stages below it):
+
+    data/           where images come from (folders, TFDS, digits), the validation carve,
+                    the data fingerprint, tf.data pipelines, in-memory arrays for JAX/PyTorch
+    run/            TrainConfig and recipes; the run folder: names, lock, checkpoints,
+                    reading a finished run, lineage, safe writes
+    training/       train(): the loop, network, optimization, callbacks, distribution,
+                    precision, fused BatchNormalization, machine facts
+    deploy/         TFLite conversion and audit, metadata, LiteRT, MediaPipe Tasks, ONNX,
+                    GPU-delegate verdicts, scoring any model file
+    quantization/   qat() and its parts; per-layer int8 error and keep_float
+    exporting, evaluation, comparison, pretrained_runs, shipping
+                    export(), evaluate(), compare(), run_from_weights(), ship(): the steps
+                    the tools run, on top of the stages
+    errors, native_logs
+                    UserError and its subclasses; C++ log lines of native libraries
+
+BUILD.md ("Layout") draws the same order; an import contract in pyproject.toml checks it.
 
 Submodules are imported on first use, so importing this package stays cheap.
 """
@@ -39,15 +46,17 @@ from keras_resnet.pipeline.errors import UserError
 
 # public name -> module that defines it
 _EXPORTS = {
-    "TrainConfig": "config",
-    "ResolvedConfig": "config",
-    "RECIPES": "config",
-    "resolve": "config",
-    "recipe_changes": "config",
-    "train": "training",
-    "qat": "quantization",
+    "TrainConfig": "run.config",
+    "ResolvedConfig": "run.config",
+    "RECIPES": "run.config",
+    "resolve": "run.config",
+    "recipe_changes": "run.config",
+    "train": "training.loop",
+    "qat": "quantization.aware",
     "export": "exporting",
     "evaluate": "evaluation",
+    "compare": "comparison",
+    "run_from_weights": "pretrained_runs",
 }
 
 __all__ = ["UserError", *_EXPORTS]

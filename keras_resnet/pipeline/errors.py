@@ -14,8 +14,8 @@ from collections.abc import Iterable
 __all__ = [
     "UserError", "DataError", "RunDirError", "RunLocked", "ResumeMismatch", "TrainingStopped",
     "WriteError", "Interrupted",
-    "QuantizeError", "ExportError", "MetadataError", "BenchmarkError", "first_line", "choose",
-    "as_flags",
+    "QuantizeError", "ExportError", "MetadataError", "first_line", "choose",
+    "at_least", "positive", "fraction", "as_flags",
 ]
 
 
@@ -72,10 +72,6 @@ class MetadataError(ExportError):
     """TFLite metadata that cannot be written or read (labels, normalisation)."""
 
 
-class BenchmarkError(UserError):
-    """A benchmark request that cannot be measured."""
-
-
 def first_line(error: BaseException, *, limit: int = 300) -> str:
     """The most useful line of an exception's message, shortened to ``limit`` characters.
 
@@ -95,6 +91,28 @@ def choose(name: str, value, valid: Iterable, *, error: type[UserError] = UserEr
         raise error(f"{name}={value!r} is not valid; choose one of "
                     f"{', '.join(str(v) for v in valid)}")
     return value
+
+
+def at_least(error: type[UserError] = UserError, *, minimum: float = 1, **values) -> None:
+    """Raises ``error`` for the first of ``values`` (name=value; None passes) below
+    ``minimum``, e.g. "batch_size=0 must be at least 1"."""
+    for name, value in values.items():
+        if value is not None and not value >= minimum:
+            raise error(f"{name}={value} must be at least {minimum:g}")
+
+
+def positive(error: type[UserError] = UserError, **values) -> None:
+    """Raises ``error`` for the first of ``values`` (name=value; None passes) that is not
+    above 0, e.g. "learning_rate=-1 must be positive"."""
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise error(f"{name}={value} must be positive")
+
+
+def fraction(name: str, value: float, error: type[UserError] = UserError) -> None:
+    """Raises ``error`` unless ``0 <= value < 1``."""
+    if not 0 <= value < 1:
+        raise error(f"{name}={value} must be at least 0 and below 1")
 
 
 def as_flags(message: str, names: Iterable[str]) -> str:

@@ -19,132 +19,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
 
 import numpy as np
 
-from keras_resnet.pipeline import data, files, rundir, safe_writes
-from keras_resnet.pipeline.errors import UserError, choose, first_line
+from keras_resnet.pipeline import data
+from keras_resnet.pipeline.deploy.scoring import check_model_file, load_predictor, probabilities
+from keras_resnet.pipeline.errors import UserError, at_least, choose, fraction
+from keras_resnet.pipeline.run import layout, lineage, reader, safe_writes
 
-FORMATS = (".keras", ".tflite")
-RUNTIMES = ("litert", "mediapipe")
 TTA = ("none", "flip")
-
-
-class KerasPredictor:
-    """Scores batches with a .keras model (loaded with safe_mode on, not compiled)."""
-
-    format = "keras"
-
-    def __init__(self, path: str | None = None, *, model=None):
-        """Loads ``path``, or wraps a ``model`` in memory."""
-        import keras
-
-        if model is None:
-            try:
-                model = keras.saving.load_model(path, compile=False, safe_mode=True)
-            except Exception as e:
-                raise UserError(f"could not load the Keras model {path} "
-                                f"({first_line(e)})") from e
-        self.model = model
-        shape = self.model.input_shape
-        self.image_size = shape[1] if isinstance(shape, tuple) else None
-        self.num_outputs = int(self.model.output_shape[-1])
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self.model.predict_on_batch(images), dtype=np.float32)
-
-
-def load_predictor(path, *, num_threads: int | None = None, runtime: str = "litert"):
-    """Loads a .keras or .tflite classifier as a callable: float raw pixels -> scores.
-
-    Args:
-        path: the model file.
-        num_threads: interpreter threads (.tflite only).
-        runtime: "litert" or "mediapipe" (.tflite only).
-
-    Raises:
-        UserError: not a .keras or .tflite name, no such file, a file that is not what
-            its name says (:func:`keras_resnet.pipeline.files.check_file_format`), or a
-            model that does not load.
-    """
-    choose("runtime", runtime, RUNTIMES)
-    path = os.path.expanduser(os.fspath(path))
-    if not path.endswith(FORMATS):
-        raise UserError(f"model {path} must be a .keras or .tflite file")
-    if not os.path.isfile(path):
-        raise UserError(f"model file {path} does not exist")
-    files.check_file_format(path)
-    if path.endswith(".keras"):
-        if runtime != "litert":
-            raise UserError(f"runtime={runtime} runs .tflite files; {path} is a Keras model")
-        return KerasPredictor(path)
-    if runtime == "mediapipe":
-        from keras_resnet.pipeline.mediapipe_tasks import MediaPipeClassifier
-
-        return MediaPipeClassifier(path)
-    from keras_resnet.pipeline.litert import LiteRTModel
-
-    return LiteRTModel(path=path, num_threads=num_threads)
-
-
-def probabilities(scores: np.ndarray) -> np.ndarray:
-    """Scores as probabilities: rows that already are (softmax outputs) stay as they are."""
-    from keras_resnet.pipeline.exporting import softmax
-
-    scores = np.asarray(scores, np.float32)
-    if scores.size and scores.min() >= 0 and np.allclose(scores.sum(-1), 1, atol=0.02):
-        return scores
-    return softmax(scores)
-
-
-@dataclasses.dataclass
-class Predictions:
-    """What :func:`predict_batches` keeps of one pass over a dataset."""
-
-    labels: np.ndarray  # (n,) the images' labels, in dataset order
-    classes: list[np.ndarray]  # per predictor: (n,) the top-1 class of each image
-    scores: list[np.ndarray]  # per predictor: the scores of the first ``keep`` images
-
-    def top1(self, index: int = 0) -> float:
-        """Top-1 accuracy (%) of predictor ``index``; 0.0 on no images."""
-        if not len(self.labels):
-            return 0.0
-        return float(np.mean(self.classes[index] == self.labels) * 100.0)
-
-
-def predict_batches(dataset, limit: int | None, *predict, keep: int = 0) -> Predictions:
-    """Runs each ``predict`` (float32 images -> scores) over the first ``limit`` images of a
-    batched ``(images, labels)`` dataset (None: all of them).
-
-    The images go through batch by batch and are not kept, so a whole validation split
-    (ImageNet's too) is scored in the memory of one batch. Only the classes, and the score
-    rows of the first ``keep`` images, stay.
-    """
-    labels, count = [], 0
-    classes = [[] for _ in predict]
-    kept = [[] for _ in predict]
-    for images, y in dataset:
-        take = len(y) if limit is None else min(len(y), limit - count)
-        if take <= 0:
-            break
-        images = np.asarray(images, dtype="float32")[:take]
-        labels.append(np.asarray(y)[:take])
-        for fn, out, rows in zip(predict, classes, kept, strict=True):
-            scores = np.asarray(fn(images), dtype="float32")
-            out.append(np.argmax(scores, axis=-1))
-            if count < keep:
-                rows.append(scores[:keep - count])
-        count += take
-    if not labels:
-        empty = np.zeros((0,), "int64")
-        return Predictions(empty, [empty for _ in predict],
-                           [np.zeros((0, 0), "float32") for _ in predict])
-    return Predictions(np.concatenate(labels), [np.concatenate(c) for c in classes],
-                       [np.concatenate(r) if r else np.zeros((0, 0), "float32")
-                        for r in kept])
 
 
 def score(predictor, split: data.EvalData, *, labels=None, tta: str = "none") -> dict[str, Any]:
@@ -236,30 +123,26 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
         The result of :func:`score` plus the model, data and split it was measured on.
     """
     choose("tta", tta, TTA)
+    at_least(batch_size=batch_size, num_threads=num_threads, image_size=image_size)
+    if val_fraction is not None:
+        fraction("val_fraction", val_fraction)
+    check_model_file(model_path)
+    source = data_source(model_path, split=split, dataset=dataset, data_dir=data_dir,
+                         val_fraction=val_fraction, seed=seed)
+    _check_outputs(model_path, source.data_dir, output_json=output_json,
+                   confusion_png=confusion_png)
     predictor = load_predictor(model_path, num_threads=num_threads, runtime=runtime)
-    run, run_labels = rundir.find_run(model_path)
-    run = run or {}
-    dataset = dataset or run.get("dataset")
-    if not dataset:
-        raise UserError("dataset= is required (the model has no training run's config.json "
-                        "next to it)")
-    same_data = dataset == run.get("dataset")
-    data_dir = data_dir or (run.get("data_dir") if same_data else None)
-    image_size = image_size or predictor.image_size or run.get("image_size")
-    if not image_size:
-        raise UserError("image_size= is required (the model's input size is not fixed)")
-    labels = getattr(predictor, "labels", None) or run_labels
-    evaluated = data.eval_data(
-        dataset, data_dir, split, int(image_size), batch_size,
-        val_fraction=val_fraction if val_fraction is not None else run.get("val_fraction", 0.1),
-        seed=seed if seed is not None else run.get("seed", 0),
-        num_classes=predictor.num_outputs,
-        class_names=tuple(labels) if labels and dataset == "folder" else None)
+    setup = data_for(model_path, predictor, split=split, image_size=image_size,
+                     batch_size=batch_size, val_fraction=val_fraction, seed=seed,
+                     source=source)
     try:
-        results = score(predictor, evaluated, labels=labels if same_data else None, tta=tta)
+        results = score(predictor, setup.data, labels=setup.labels if setup.same_data else None,
+                        tta=tta)
     finally:
         if hasattr(predictor, "close"):
             predictor.close()
+    dataset, data_dir, image_size = setup.dataset, setup.data_dir, setup.image_size
+    evaluated = setup.data
     model_path = os.path.abspath(os.path.expanduser(os.fspath(model_path)))
     if confusion_png is None:
         tag = "".join(c if c.isalnum() else "_" for c in split)
@@ -268,8 +151,9 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
     plot_confusion(results["confusion_matrix"], results["class_names"], confusion_png,
                    title=f"{os.path.basename(model_path)} on {dataset} {split}: top-1 "
                          f"{results['top1']:.4f}")
-    results = {"model": model_path, "format": predictor.format, "runtime": runtime
-               if predictor.format == "tflite" else "keras", "tta": tta, "dataset": dataset,
+    results = {"model": model_path, "format": predictor.format,
+               "runtime": _runtime_name(predictor.format, runtime), "tta": tta,
+               "dataset": dataset,
                "data_dir": data_dir, "split": split, "image_size": int(image_size),
                "skipped_images": len(evaluated.skipped), **results,
                "confusion_png": os.path.abspath(confusion_png)}
@@ -278,6 +162,151 @@ def evaluate(model_path, *, split: str = "test", dataset: str | None = None,
         os.makedirs(folder, exist_ok=True)
         safe_writes.write_json(output_json, results)
     return results
+
+
+def _runtime_name(model_format: str, runtime: str) -> str:
+    return {"tflite": runtime, "onnx": "onnxruntime"}.get(model_format, "keras")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """The data a model is scored on, resolved from the options and the model's run.
+
+    Attributes:
+        run: the run the model belongs to (its folder, config.json and labels.txt).
+        dataset, data_dir: the data (the run's where not given).
+        same_data: the data is the model's training dataset.
+    """
+
+    run: reader.FoundRun
+    dataset: str
+    data_dir: str | None
+    same_data: bool
+
+
+def data_source(model_path, *, split: str = "test", dataset: str | None = None,
+                data_dir: str | None = None, val_fraction: float | None = None,
+                seed: int | None = None) -> DataSource:
+    """The data a model is scored on: options left unset come from the training run's
+    config.json next to the model. A file of that run is refused when it is stale, its
+    labels.txt when edited, and a split carved from the run's data when that data changed
+    or is carved another way.
+
+    Raises:
+        UserError: no dataset can be found, or one of the refusals above.
+    """
+    found = reader.find_run(model_path)
+    run = found.config or {}
+    dataset = dataset or run.get("dataset")
+    if not dataset:
+        raise UserError("dataset= is required (the model has no training run's config.json "
+                        "next to it)")
+    same_data = dataset == run.get("dataset")
+    data_dir = data_dir or (run.get("data_dir") if same_data else None)
+    if found.folder is not None:
+        _check_run_files(found, model_path, split=split, dataset=dataset, data_dir=data_dir,
+                         val_fraction=val_fraction, seed=seed)
+    return DataSource(found, dataset, data_dir, same_data)
+
+
+@dataclasses.dataclass
+class DataSetup:
+    """The images a model is evaluated on, with the options they were resolved from."""
+
+    data: data.EvalData
+    labels: tuple[str, ...] | None  # the model's class names (its run's labels.txt)
+    same_data: bool  # the data is the model's training dataset
+    dataset: str
+    data_dir: str | None
+    image_size: int
+
+
+def data_for(model_path, predictor, *, split: str = "test", dataset: str | None = None,
+             data_dir: str | None = None, image_size: int | None = None,
+             batch_size: int = 64, val_fraction: float | None = None,
+             seed: int | None = None, source: DataSource | None = None) -> DataSetup:
+    """The split a model is evaluated on (see :func:`data_source`, whose result
+    ``source`` is, where already resolved); the run's labels.txt fixes the class order.
+
+    Raises:
+        UserError: no dataset or image size can be found, or the data cannot be read.
+    """
+    if source is None:
+        source = data_source(model_path, split=split, dataset=dataset, data_dir=data_dir,
+                             val_fraction=val_fraction, seed=seed)
+    run = source.run.config or {}
+    dataset, data_dir = source.dataset, source.data_dir
+    image_size = image_size or predictor.image_size or run.get("image_size")
+    if not image_size:
+        raise UserError("image_size= is required (the model's input size is not fixed)")
+    labels = getattr(predictor, "labels", None) or source.run.labels
+    evaluated = data.eval_data(
+        dataset, data_dir, split, int(image_size), batch_size,
+        val_fraction=val_fraction if val_fraction is not None else run.get("val_fraction", 0.1),
+        seed=seed if seed is not None else run.get("seed", 0),
+        num_classes=predictor.num_outputs,
+        class_names=tuple(labels) if labels and dataset == "folder" else None)
+    return DataSetup(evaluated, tuple(labels) if labels else None, source.same_data, dataset,
+                     data_dir, int(image_size))
+
+
+# Splits carved from the data a run trained on: scoring them needs the run's own carve.
+CARVED_SPLITS = ("train", "val", "validation")
+
+
+def _check_outputs(model_path, data_dir, *, output_json, confusion_png) -> None:
+    """Refuses output paths that would replace the model, the data or a run's file, or an
+    existing file of another kind."""
+    for path, what, valid in ((output_json, "output_json", _is_json),
+                              (confusion_png, "confusion_png", _is_png)):
+        if not path:
+            continue
+        layout.check_output(path, inputs=[model_path, data_dir], what=what)
+        path = os.path.expanduser(os.fspath(path))
+        if os.path.isdir(path):
+            raise UserError(f"{what} {path} is a folder; name a file")
+        if os.path.isfile(path) and not valid(path):
+            raise UserError(f"{what} {path} exists and is not a {what.split('_')[-1]} file "
+                            "this tool wrote; choose another path")
+    if output_json and confusion_png and os.path.realpath(os.fspath(output_json)) == \
+            os.path.realpath(os.fspath(confusion_png)):
+        raise UserError("output_json and confusion_png name the same file; give each its own")
+
+
+def _is_json(path) -> bool:
+    try:
+        with open(path) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_run_files(found: reader.FoundRun, model_path, *, split, dataset, data_dir,
+                     val_fraction, seed) -> None:
+    """Refuses to score a stale file of a run, with a labels.txt edited after training, or
+    on a carved split that is not the run's own (other data, val_fraction or seed)."""
+    name = os.path.basename(os.fspath(model_path))
+    in_folder = os.path.dirname(os.path.abspath(os.path.expanduser(os.fspath(model_path))))
+    names = [layout.LABELS]
+    if os.path.realpath(in_folder) == os.path.realpath(found.folder) and lineage.tracked(name):
+        names.append(name)
+    lineage.check_current(found.folder, names)
+    run = found.config
+    if split not in CARVED_SPLITS or dataset != run.get("dataset"):
+        return
+    for option, value in (("val_fraction", val_fraction), ("seed", seed)):
+        if value is not None and value != run.get(option, value):
+            raise UserError(f"{option}={value} is not the {run.get(option)} the run carved its "
+                            f"validation images with, so split={split} would mix images it "
+                            f"trained on into them; leave {option} out")
+    lineage.check_data(found.folder, run, dataset=dataset, data_dir=data_dir,
+                       what=f"split={split}")
 
 
 def plot_confusion(confusion, class_names, path, *, title: str = "") -> None:

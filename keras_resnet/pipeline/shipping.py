@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import json
 import os
-import platform
+import re
 from pathlib import Path
 
 import numpy as np
 
-from keras_resnet.pipeline import config as config_lib
-from keras_resnet.pipeline import data, evaluation, rundir, safe_writes
-from keras_resnet.pipeline.errors import UserError
+from keras_resnet.pipeline import data, evaluation
+from keras_resnet.pipeline.deploy import scoring
+from keras_resnet.pipeline.errors import UserError, choose
+from keras_resnet.pipeline.run import config as config_lib
+from keras_resnet.pipeline.run import layout, lineage, reader, safe_writes
+from keras_resnet.pipeline.training import machine
 
 DTYPES = ("auto", "float16", "float32")
 # Storage may move validation top-1 by at most this much (0.05 point): float16 halves the
@@ -52,19 +55,26 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
     """
     import keras
 
-    import keras_resnet
     from keras_resnet import weights as weights_lib
 
-    if dtype not in DTYPES:
-        raise UserError(f"dtype={dtype!r} is not valid; choose one of {', '.join(DTYPES)}")
-    run = rundir.read_run(run_dir)
-    model = rundir.load_model(run)
+    choose("dtype", dtype, DTYPES)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name or ""):
+        raise UserError(f"name={name!r} must be lower-case letters, digits and underscores, "
+                        "e.g. cifar10 (users pass it as weights=)")
+    run = reader.read_run(run_dir)
+    int8_files = [f for f in INT8_FILES.values() if (run.path / f).is_file()]
+    lineage.check_current(run.path, [layout.MODEL, layout.LABELS, *int8_files])
+    lineage.check_data(run.path, run.config, dataset=None, data_dir=None,
+                       what="scoring the weights on its validation images")
+    for suffix in (".h5", ".json"):
+        layout.check_output(Path(out_dir) / f"{run.variant}_{name}{suffix}",
+                            inputs=[run.config.get("data_dir")], what="out_dir")
+    model = reader.load_model(run)
     size = run.image_size
 
     def build():
-        return keras_resnet.resnet(**run.architecture, classes=run.num_classes,
-                                   input_shape=(size, size, 3), include_preprocessing=True,
-                                   **run.model_options)
+        return config_lib.build_network(run.config, classes=run.num_classes,
+                                        classifier_activation="softmax")
 
     net = build()
     weights_lib.transfer_weights(model, net)
@@ -77,13 +87,13 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
     val = data.eval_data(settings["dataset"], settings["data_dir"], "val", size, 250,
                          val_fraction=settings["val_fraction"], seed=settings["seed"],
                          num_classes=settings["num_classes"])
-    first = evaluation.predict_batches(val.dataset, None, net.predict_on_batch)
+    first = scoring.predict_batches(val.dataset, None, net.predict_on_batch)
     labels, want = first.labels, first.classes[0]
     for candidate in (("float16", "float32") if dtype == "auto" else (dtype,)):
         sha256 = weights_lib.save_by_name(net, tmp, dtype=candidate)
         stored = build()
         weights_lib.load_h5_by_name(stored, tmp)
-        got = evaluation.predict_batches(val.dataset, None, stored.predict_on_batch).classes[0]
+        got = scoring.predict_batches(val.dataset, None, stored.predict_on_batch).classes[0]
         changed = int(np.sum(want != got))
         top1 = float(np.mean(want == labels)), float(np.mean(got == labels))
         if abs(top1[1] - top1[0]) <= MAX_STORAGE_CHANGE:
@@ -94,9 +104,9 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
                         f"{top1[1]:.4f}; use dtype=float32")
     dtype = candidate
     os.replace(tmp, path)
-    export = _read_optional(run.path / rundir.EXPORT_REPORT)
+    export = _read_optional(run.path / layout.EXPORT_REPORT)
     config = run.config
-    metrics = _read_optional(run.path / rundir.METRICS) or {}
+    metrics = _read_optional(run.path / layout.METRICS) or {}
     card = {
         "variant": run.variant, "weights": name, "file": path.name, "sha256": sha256,
         "bytes": path.stat().st_size, "dtype": dtype, "classes": list(run.labels),
@@ -113,12 +123,14 @@ def ship(run_dir, *, name: str, out_dir, dtype: str = "auto",
             "recipe_changes": config_lib.recipe_changes(config),
             "wall_time_s": metrics.get("wall_time_s")},
         "command": command,
+        "made_from": {f: lineage.digest_of(run.path / f) for f in (layout.MODEL, layout.LABELS)},
+        "data": config.get("data"),
         "validation": {"images": len(labels), "top1_float32": top1[0],
                        "top1_stored": top1[1], "predictions_changed_by_storage": changed},
         "accuracy": {"float": _stored_accuracy(stored, val, path), **accuracy(run)},
         "tflite": export_rows(export),
         "metrics": metrics or None,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "machine": machine.host_description(),
         "versions": config.get("versions"), "keras": keras.__version__,
     }
     safe_writes.write_json(out_dir / f"{run.variant}_{name}.json", card)
@@ -138,18 +150,18 @@ def export_rows(export: dict | None) -> list[dict]:
 
 
 # The int8 files the normal tools write, which the card measures beside the shipped weights.
-INT8_FILES = {"qat_int8": rundir.INT8_MODEL, "ptq_int8": "model_ptq_int8.tflite"}
+INT8_FILES = {mode: layout.EXPORTED[mode] for mode in ("qat_int8", "ptq_int8")}
 
 
 def _stored_accuracy(stored, val, path) -> dict:
     """Validation top-1 (plain and with flip TTA) of the shipped weights themselves."""
-    predictor = evaluation.KerasPredictor(model=stored)
+    predictor = scoring.KerasPredictor(model=stored)
     return {"file": path.name, "bytes": path.stat().st_size,
             **{key: evaluation.score(predictor, val, tta=tta)["top1"]
                for key, tta in (("top1", "none"), ("top1_flip", "flip"))}}
 
 
-def accuracy(run: rundir.Run) -> dict:
+def accuracy(run: reader.Run) -> dict:
     """Validation top-1 (plain and with flip TTA) and size of each of the run's int8 files.
 
     Files the run lacks are left out (run tools/qat.py and tools/export_tflite.py
@@ -169,6 +181,6 @@ def accuracy(run: rundir.Run) -> dict:
 
 def _read_optional(path):
     try:
-        return rundir.read_json(path)
+        return layout.read_json(path)
     except (OSError, json.JSONDecodeError):
         return None
