@@ -379,3 +379,57 @@ def test_help_lists_modes_and_every_setting(capsys):
     ("resnet8", {"depth": 8}), ("14", {"depth": 14}), ("nope", {"model": "nope"})])
 def test_compare_models_name_a_variant_or_a_depth(name, expected):
     assert modes.model_or_depth(name) == expected
+
+
+@needs_torch
+@pytest.mark.skipif(not HAS_JAX, reason="jax is not installed")
+def test_gpu_mode_runs_at_tiny_sizes_without_tensorflow(tmp_path):
+    """The GPU measurement, on the CPU at tiny sizes, with TensorFlow unimportable in the
+    tool and in every measuring subprocess: ResNet-50 (here at 32 pixels, batch 2) on JAX
+    against PyTorch, whole epochs of a small CIFAR-style folder, ratios and the markdown
+    report."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from conftest import REPO
+    from PIL import Image
+
+    blocked = tmp_path / "blocked" / "tensorflow"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('TensorFlow is blocked')\n")
+    folder = tmp_path / "cifar"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype="uint8")).save(
+                folder / c / f"{i}.jpg")
+    out = tmp_path / "report" / "gpu.json"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "blocked"), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "benchmark.py"), "gpu", f"--data_dir={folder}",
+         "--depth=8", "--batch_size=2", "--image_size=32", "--classes=10",
+         "--cifar_batch_size=4", "--epochs=1", "--windows=1", "--steps=1", "--warmup=1",
+         "--precisions=float32", "--cifar_precisions=float32", "--torch_modes=eager",
+         "--val_fraction=0.2", f"--output_json={out}"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names[0] == "keras_resnet resnet50 [jax, float32]"
+    assert names[1].endswith("resnet50 [channels_last, float32]")
+    assert names[2:] == ["keras_resnet resnet8 epochs [jax, float32]",
+                         "pytorch resnet8 epochs [channels_last, float32]"]
+    epochs = report["results"][2]
+    assert (epochs["task"], epochs["batch_size"]) == ("epoch", 16)  # 16 images, batch 4
+    assert epochs["info"]["train_images"] == 16
+    for r in report["results"]:
+        check_result(r, task=r["task"], batch=r["batch_size"])
+    assert {r["group"] for r in report["ratios"]} == {"resnet50", "resnet8 epochs"}
+    assert all(check["equal"] for check in report["params"]["keras_resnet_vs_pytorch"])
+    text = (out.parent / "gpu.md").read_text()
+    assert "| keras_resnet resnet50 [jax, float32] | train | 2 |" in text
+    assert "Command: `benchmark.py gpu" in text and "Versions: jax" in text

@@ -27,6 +27,14 @@ Modes:
               different sizes (``--memory_images``, default 5,000 and 50,000 images built
               from the real CIFAR-10 JPEGs in ../shared, or synthetic JPEGs): a streamed
               folder pipeline should need about the same memory for both (within 10%).
+    gpu       on one GPU, without TensorFlow (run it with KERAS_BACKEND=jax): ResNet-50 at
+              224 pixels, batch 256, synthetic data, keras_resnet on Keras' JAX backend in
+              float32 and bfloat16 against torchvision's resnet50 (channels_last, bfloat16
+              autocast or float32, eager and torch.compile); and whole CIFAR ResNet-56
+              epochs of the folder ``--data_dir`` with the images on the GPU, keras_resnet
+              through tools/train.py's JAX loop against the PyTorch twin. Each measurement
+              runs alone in its own process; ``--output_json`` also writes a markdown
+              report beside it (BUILD.md "GPU" says how to run it).
 
 Method: every measured thing first runs ``--warmup`` steps (the first one compiles; its
 time is reported), then ``--windows`` windows of ``--steps`` steps; each step ends with its
@@ -69,14 +77,14 @@ from keras_resnet.pipeline.errors import UserError, first_line  # noqa: E402
 # One public function per mode; each takes benchmark.Settings, returns its report part.
 RUNS = {"train": benchmark.run_train, "infer": benchmark.run_infer,
         "pipeline": benchmark.run_pipeline, "compare": benchmark.run_compare,
-        "memory": benchmark.run_memory}
+        "memory": benchmark.run_memory, "gpu": benchmark.run_gpu}
 MODES = tuple(RUNS)
 
 # Own flag registry: several tools can then be imported into one process (tests). One flag
 # per benchmark.Settings field, with the help written there.
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("mode", None, "train, infer, pipeline, compare or memory (or give it as "
-                    "the first argument).", flag_values=FLAGS)
+flags.DEFINE_string("mode", None, "train, infer, pipeline, compare, memory or gpu (or give "
+                    "it as the first argument).", flag_values=FLAGS)
 for _name, _kind, _default, _help in benchmark.flag_specs():
     getattr(flags, f"DEFINE_{_kind}")(_name, _default, _help, flag_values=FLAGS)
 

@@ -25,16 +25,19 @@ Modules, one concern each:
         is imported only inside).
     runners, worker: a bench in this process or in a subprocess, and the JSON protocol
         between them; ``python -m keras_resnet.benchmark.worker`` is the subprocess.
-    modes, memory: run_train/infer/pipeline/compare; run_memory (peak RSS).
+    modes, memory, gpu: run_train/infer/pipeline/compare; run_memory (peak RSS); run_gpu
+        (keras_resnet on JAX against PyTorch on one GPU, no TensorFlow).
+    epochs: whole CIFAR epochs with the images on the device (the gpu mode's benches).
     report: machine line, tables and the JSON report.
 """
 
 from __future__ import annotations
 
+from keras_resnet.benchmark.gpu import run_gpu
 from keras_resnet.benchmark.memory import run_memory
 from keras_resnet.benchmark.modes import run_compare, run_infer, run_pipeline, run_train
 from keras_resnet.benchmark.report import finish_report, format_report, start_report
 from keras_resnet.benchmark.settings import Settings, flag_specs
 
 __all__ = ["Settings", "flag_specs", "run_train", "run_infer", "run_pipeline", "run_compare",
-           "run_memory", "start_report", "finish_report", "format_report"]
+           "run_memory", "run_gpu", "start_report", "finish_report", "format_report"]

@@ -136,6 +136,10 @@ class KerasBench:
                          type(layer).__module__.startswith("keras_resnet")
                          for layer in self.model.layers),
                      "image_size": self.size, "classes": self.classes}
+        if spec.get("model_file") is None:
+            from keras_resnet.pipeline.training.machine import accelerator
+
+            self.info["device"] = accelerator(keras.config.backend()) or "cpu"
         if keras.config.backend() == "tensorflow":
             import tensorflow as tf
 
@@ -233,4 +237,34 @@ class PipelineBench:
 
     def step(self, task):
         x, _ = next(self.iterator)  # an eager tensor: the batch is finished
+        return float(x.shape[0])
+
+
+class StreamBench:
+    """The training stream of a folder read without TensorFlow
+    (:func:`keras_resnet.pipeline.data.folder_stream.load_folder_stream`), as JAX and PyTorch
+    runs read images above 64 pixels."""
+
+    def __init__(self, spec):
+        from keras_resnet.pipeline.data import folder_stream
+        from keras_resnet.pipeline.data.transforms import augmentation_style
+
+        start = time.perf_counter()
+        bundle = folder_stream.load_folder_stream(
+            spec["dataset"], data_dir=spec.get("data_dir"), image_size=spec["image_size"],
+            batch_size=spec["batch_size"], val_fraction=spec["val_fraction"],
+            seed=spec["seed"], augment=spec["augment"], cutout=spec.get("cutout", 0),
+            threads=spec.get("threads") or None)
+        self.stream, self.index = bundle.epochs(0), 0
+        augmentation = augmentation_style(spec["image_size"]) if spec["augment"] else "none"
+        self.info = {"dataset": spec["dataset"], "train_images": bundle.train_size,
+                     "val_images": bundle.val_size, "classes": bundle.num_classes,
+                     "cached_in_memory": False, "skipped_images": len(bundle.skipped),
+                     "augmentation": augmentation,
+                     "threads": bundle.threads,
+                     "load_data_s": time.perf_counter() - start}
+
+    def step(self, task):
+        x, _ = self.stream[self.index]  # a finished NumPy batch
+        self.index += 1
         return float(x.shape[0])

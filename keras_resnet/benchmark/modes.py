@@ -18,6 +18,7 @@ from keras_resnet.benchmark.settings import (
     CIFAR_BATCH,
     COMPARE_PRECISIONS,
     COMPARISONS,
+    PIPELINE_INPUTS,
     TASKS,
     TORCH_FORMATS,
     TORCH_MODES,
@@ -27,6 +28,7 @@ from keras_resnet.benchmark.settings import (
     need,
     need_backend,
 )
+from keras_resnet.pipeline.errors import choose
 
 
 def _measure(s: Settings, items):
@@ -93,7 +95,14 @@ def run_infer(s: Settings) -> dict:
 
 
 def pipeline_spec(s: Settings, *, batch: int, size: int, cache_budget_mb=None) -> dict:
-    """The spec of the training stream of ``s.dataset`` (see benches.PipelineBench)."""
+    """The spec of the training stream of ``s.dataset`` (see benches.PipelineBench and
+    benches.StreamBench)."""
+    if s.pipeline_input == "stream":
+        return {"kind": "stream", "name": f"folder_stream({s.dataset}) training stream",
+                "dataset": s.dataset, "data_dir": s.data_dir, "image_size": size,
+                "batch_size": batch, "val_fraction": s.val_fraction, "seed": s.seed,
+                "augment": s.augment, "cutout": s.cutout, "tasks": [f"pipeline:{batch}"],
+                "warmup": s.warmup, "threads": s.intra_op_threads}
     return {"kind": "pipeline", "name": f"load_data({s.dataset}) training stream",
             "dataset": s.dataset, "data_dir": s.data_dir, "image_size": size,
             "batch_size": batch, "val_fraction": s.val_fraction, "seed": s.seed,
@@ -111,6 +120,7 @@ def run_pipeline(s: Settings) -> dict:
         batch, size = s.batch_size or CIFAR_BATCH, s.image_size or 32
     if s.cache_budget_mb is not None and s.cache_budget_mb < 0:
         raise BenchmarkError(f"cache_budget_mb={s.cache_budget_mb} must be at least 0")
+    choose("pipeline_input", s.pipeline_input, PIPELINE_INPUTS, error=BenchmarkError)
     spec = pipeline_spec(s, batch=batch, size=size, cache_budget_mb=s.cache_budget_mb)
     runner = runners.make_runner(spec, timeout=s.worker_timeout,
                                  subprocess_only=s.fresh_process)

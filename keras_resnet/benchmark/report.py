@@ -106,6 +106,8 @@ def format_report(report: dict) -> str:
         parts.append(f"trainable parameters of {check['group']}: keras_resnet {k}, "
                      f"pytorch {t} ({verdict})")
     parts += _memory_lines(report.get("memory") or {})
+    if report.get("markdown"):
+        parts.append(report["markdown"])
     m = report["machine"]
     bf16 = m.get("cpu_bf16_flags")
     flags = (f"; bfloat16 CPU flags: {', '.join(bf16)}" if bf16 else

@@ -23,7 +23,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from keras_resnet.benchmark import benches, protocol, torch_twins
+from keras_resnet.benchmark import benches, epochs, protocol, torch_twins
 from keras_resnet.benchmark.errors import BenchmarkError
 from keras_resnet.pipeline.errors import UserError, first_line
 
@@ -32,11 +32,13 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 MARK = "@@benchmark "  # prefix of worker replies on stdout
 MODULE = "keras_resnet.benchmark.worker"  # the subprocess entry point
 BENCHES = {"keras": benches.KerasBench, "torch": torch_twins.TorchBench,
-           "tflite": benches.TFLiteBench, "pipeline": benches.PipelineBench}
+           "tflite": benches.TFLiteBench, "pipeline": benches.PipelineBench,
+           "stream": benches.StreamBench, "keras_epochs": epochs.KerasEpochs,
+           "torch_epochs": epochs.TorchEpochs}
 
 
 def make_bench(spec: dict):
-    """The bench of ``spec["kind"]``: keras, torch, tflite or pipeline."""
+    """The bench of ``spec["kind"]`` (a key of :data:`BENCHES`)."""
     return BENCHES[spec["kind"]](spec)
 
 

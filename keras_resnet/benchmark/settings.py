@@ -31,6 +31,9 @@ TORCH_FORMATS = ("nchw", "channels_last")
 TORCH_MODES = ("eager", "compile")
 MEMORY_CHECKS = ("train", "folder")
 FOLDER_SOURCES = ("auto", "cifar", "synthetic")
+# The input pipelines the pipeline mode measures: tf.data (TensorFlow backend) or the
+# folder stream of the other backends (keras_resnet.pipeline.data.folder_stream).
+PIPELINE_INPUTS = ("tf.data", "stream")
 # Batch sizes when batch_size is unset: the CIFAR recipe's 128; ImageNet-style nets get
 # 32 (the recipe's 256 at 224 pixels takes about a minute a step on a 2-core CPU).
 CIFAR_BATCH = 128
@@ -97,6 +100,10 @@ class Settings:
                              "tools/train.py --cutout (0: none).")
     val_fraction: float = _option(
         0.1, "pipeline: fraction carved off as validation, as in training.")
+    pipeline_input: str = _option(
+        "tf.data", "pipeline: tf.data (the TensorFlow backend's input) or stream (a folder "
+        "decoded by Pillow threads, as JAX and PyTorch runs read images above 64 pixels; "
+        "--intra_op_threads sets its thread count).")
     cache_budget_mb: int | None = _option(
         help="pipeline: decoded-image cache budget (default as tools/train.py, 2048); "
              "memory's folder check defaults to 0 (streamed).")
@@ -127,6 +134,12 @@ class Settings:
     work_dir: str | None = _option(
         help="memory: where the temporary folders and runs go (default: the system temp "
              "dir); removed afterwards.")
+    cifar_batch_size: int = _option(128, "gpu: batch of the CIFAR epochs.")
+    epochs: int = _option(2, "gpu: timed CIFAR epochs of each measurement (after one "
+                             "that compiles).")
+    cifar_precisions: list[str] = _option(
+        ["mixed_bfloat16"], "gpu: precisions of the CIFAR epochs, float32 and/or "
+        "mixed_bfloat16 (ResNet-50 takes --precisions).")
     worker_timeout: int = _option(1800, "seconds a subprocess may take for one reply.")
     output_json: str | None = _option(help="write every figure here as JSON.")
 

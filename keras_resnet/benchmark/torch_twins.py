@@ -73,8 +73,13 @@ class TorchBench:
             native = cuda or bf16_flags(host_cpu_flags())
             precision = "mixed_bfloat16" if native else "float32"
         self.precision = precision
-        self.model = torch_resnet(spec["arch"], spec["classes"]).to(
-            self.device, memory_format=fmt)
+        if spec.get("torchvision"):  # the reference model itself (ResNet-50 v1.5)
+            import torchvision
+
+            net = getattr(torchvision.models, spec["model"])(num_classes=spec["classes"])
+        else:
+            net = torch_resnet(spec["arch"], spec["classes"])
+        self.model = net.to(self.device, memory_format=fmt)
         self.forward = torch.compile(self.model) if spec.get("compile") else self.model
         decay = [p for p in self.model.parameters() if p.ndim > 1]  # conv / linear kernels
         rest = [p for p in self.model.parameters() if p.ndim <= 1]  # BN and biases
@@ -94,7 +99,9 @@ class TorchBench:
                                              if p.requires_grad),
                      "memory_format": "channels_last" if spec["channels_last"] else "nchw",
                      "precision": self.precision, "compile": bool(spec.get("compile")),
-                     "device": self.device, "image_size": self.size, "classes": self.classes}
+                     "device": (torch.cuda.get_device_name() if cuda else "cpu"),
+                     "model_source": "torchvision" if spec.get("torchvision") else "twin",
+                     "image_size": self.size, "classes": self.classes}
 
     def _inputs(self, batch, seed=0):
         if batch not in self.inputs:

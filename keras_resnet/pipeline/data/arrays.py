@@ -58,6 +58,9 @@ class ArrayBundle:
     cutout: int = 0
     skipped: tuple[str, ...] = ()
     cached: bool = True
+    # Devices a data-parallel run splits each batch over: the last validation batch is
+    # filled up to a multiple of them (weighted 0).
+    eval_multiple: int = 1
 
     @property
     def num_classes(self) -> int:
@@ -84,7 +87,7 @@ class ArrayBundle:
         if self.val_labels is None or not len(self.val_labels):
             return None
         return EvalStream(self.val_images, self.val_labels, self.num_classes,
-                          self.batch_size)
+                          self.batch_size, multiple=self.eval_multiple)
 
     def first_batches(self, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The first ``count`` batches of epoch 0 (the same every time)."""
@@ -133,21 +136,35 @@ class TrainStream(keras.utils.PyDataset):
 
 
 class EvalStream(keras.utils.PyDataset):
-    """Images in order, un-augmented, in batches (the last one may be smaller)."""
+    """Images in order, un-augmented, in batches (the last one may be smaller).
+
+    With ``multiple`` > 1 (a data-parallel run, whose every batch is split evenly over the
+    devices) batches come with sample weights, and the last one is filled up to a multiple
+    of ``multiple`` with copies of its first image weighted 0: top-1 and top-5 count the
+    real images only; the mean loss divides by the filled-up count (at most
+    ``multiple`` - 1 more images than there are).
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                 batch_size: int):
+                 batch_size: int, multiple: int = 1):
         super().__init__()
         self.images, self.labels = images, labels
         self.num_classes, self.batch_size = num_classes, batch_size
+        self.multiple = multiple
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
     def __getitem__(self, index: int):
         part = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return (self.images[part].astype("float32"),
-                one_hot(self.labels[part], self.num_classes))
+        x = self.images[part].astype("float32")
+        y = one_hot(self.labels[part], self.num_classes)
+        if self.multiple == 1:
+            return x, y
+        short = -len(y) % self.multiple
+        weights = np.concatenate([np.ones(len(y)), np.zeros(short)]).astype("float32")
+        x, y = (np.concatenate([a, np.repeat(a[:1], short, 0)]) for a in (x, y))
+        return x, y, weights
 
 
 def one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -184,8 +201,10 @@ def cutout(images: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarra
 
 def load_arrays(dataset: str, *, data_dir: str | None, image_size: int, batch_size: int,
                 val_fraction: float = 0.1, seed: int = 0, augment: bool = True,
-                cutout: int = 0, memory_budget: int | None = None) -> ArrayBundle:
-    """Lists, carves and decodes a dataset into an :class:`ArrayBundle`.
+                cutout: int = 0, memory_budget: int | None = None,
+                eval_multiple: int = 1) -> ArrayBundle:
+    """Lists, carves and decodes a dataset into an :class:`ArrayBundle` (``eval_multiple``:
+    see :attr:`ArrayBundle.eval_multiple`).
 
     Raises:
         DataError: a dataset other than ``folder``, images larger than 64 pixels (the
@@ -217,7 +236,7 @@ def load_arrays(dataset: str, *, data_dir: str | None, image_size: int, batch_si
         train_images=decode(paths, image_size), train_labels=np.asarray(labels, "int32"),
         val_images=val_images, val_labels=val_labels, class_names=tuple(class_names),
         batch_size=batch_size, seed=seed, augment=augment, cutout=cutout,
-        skipped=tuple(skipped))
+        skipped=tuple(skipped), eval_multiple=eval_multiple)
 
 
 def decode(paths: list[str], image_size: int) -> np.ndarray:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import keras
 
+from keras_resnet.pipeline.data.transforms import SMALL_IMAGE_MAX
 
-def load_bundle(options):
+
+def load_bundle(options, *, replicas: int = 1):
     """The training and validation input of a run.
 
     Args:
@@ -14,11 +16,15 @@ def load_bundle(options):
             :class:`~keras_resnet.pipeline.run.config.ResolvedConfig`): its dataset,
             data_dir, image_size, batch_size, val_fraction, seed, augment, cutout and
             cache_budget_mb.
+        replicas: the devices a data-parallel run splits each batch over (JAX): the last
+            validation batch is filled up to a multiple of them.
 
     Returns:
         On the TensorFlow backend a :class:`~keras_resnet.pipeline.data.tfdata.DataBundle`
-        (tf.data), else an :class:`~keras_resnet.pipeline.data.arrays.ArrayBundle` (folder
-        datasets of images up to 64 pixels, decoded into memory).
+        (tf.data). Elsewhere (JAX, PyTorch) a folder dataset: images up to 64 pixels
+        decoded into memory (:class:`~keras_resnet.pipeline.data.arrays.ArrayBundle`),
+        larger ones streamed from disk
+        (:class:`~keras_resnet.pipeline.data.folder_stream.StreamBundle`).
     """
     common = dict(data_dir=options.data_dir, image_size=options.image_size,
                   batch_size=options.batch_size, val_fraction=options.val_fraction,
@@ -28,9 +34,16 @@ def load_bundle(options):
         from keras_resnet.pipeline.data import tfdata
 
         return tfdata.load_data(options.dataset, cache_budget=budget, **common)
+    if options.image_size > SMALL_IMAGE_MAX:
+        # Large images stream from disk (ImageNet-style folders do not fit in memory).
+        from keras_resnet.pipeline.data import folder_stream
+
+        return folder_stream.load_folder_stream(options.dataset, eval_multiple=replicas,
+                                                **common)
     from keras_resnet.pipeline.data import arrays
 
-    return arrays.load_arrays(options.dataset, memory_budget=budget, **common)
+    return arrays.load_arrays(options.dataset, memory_budget=budget, eval_multiple=replicas,
+                              **common)
 
 
 def one_hot_labels(num_classes: int):

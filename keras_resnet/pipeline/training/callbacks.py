@@ -112,7 +112,14 @@ class RunMonitor(keras.callbacks.Callback):
         if not self._loss_was_finite():
             return
         step = self.offset + batch + 1
-        self.pending_loss = ((logs or {}).get("loss"), (self.epoch, step - 1))
+        logs = logs if logs is not None else {}
+        where = (self.epoch, step - 1)
+        if "steps_run" in logs:
+            # One call of several steps (keras_resnet.pipeline.training.device_data) stops after the
+            # first non-finite loss: its loss is that step's, read when it is checked.
+            run, asked, epoch = logs.pop("steps_run"), logs.pop("steps_asked"), self.epoch
+            where = lambda: (epoch, step - 1 - int(asked) + int(run))  # noqa: E731
+        self.pending_loss = (logs.get("loss"), where)
         self.signum = self.agree(int(self.stop.signum or 0) if self.stop else 0)
         if self.signum:
             # At the epoch's last step: its checkpoint, then the stop (on_epoch_end).
@@ -130,7 +137,7 @@ class RunMonitor(keras.callbacks.Callback):
         loss, where = self.pending_loss
         self.pending_loss = (None, None)
         if loss is not None and not math.isfinite(float(loss)):
-            self.bad_step = where
+            self.bad_step = where() if callable(where) else where
             self.model.stop_training = True
         return self.bad_step is None
 

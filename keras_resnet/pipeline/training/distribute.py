@@ -2,8 +2,10 @@
 
 One CPU or one GPU runs the default strategy; several GPUs MirroredStrategy; a cluster
 described by ``TF_CONFIG`` MultiWorkerMirroredStrategy, where only the chief writes. On
-another Keras backend (JAX, PyTorch) a run trains on that backend's first device
-(:class:`OneDevice`), and TensorFlow is not imported.
+JAX, several local devices train data-parallel
+(:class:`~keras_resnet.pipeline.training.jax_distribution.DataParallel`); otherwise a run on
+another Keras backend (JAX, PyTorch) trains on that backend's first device
+(:class:`OneDevice`). TensorFlow is not imported there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import keras
 
 from keras_resnet.pipeline.errors import UserError, choose
 from keras_resnet.pipeline.run.config import STRATEGIES
+from keras_resnet.pipeline.training import jax_distribution
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -63,7 +66,9 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     CPU devices.
 
     Must run before any other TensorFlow work when a multi-worker strategy is chosen.
-    On another Keras backend only "auto" and "default" exist (:class:`OneDevice`).
+    On another Keras backend only "auto" and "default" exist: "auto" on JAX is
+    :class:`~keras_resnet.pipeline.training.jax_distribution.DataParallel` over every local
+    device where there are several, else (and "default") :class:`OneDevice`.
     """
     choose("strategy", name, STRATEGIES)
     backend = keras.config.backend()
@@ -71,6 +76,10 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
         if name not in ("auto", "default"):
             raise UserError(f"strategy={name} needs the TensorFlow backend; run with "
                             f"KERAS_BACKEND=tensorflow, or strategy=auto on {backend}")
+        if backend == "jax":
+            jax_distribution.clear()  # an earlier run of this process may have set one
+            if name == "auto":
+                return jax_distribution.data_parallel() or OneDevice()
         return OneDevice()
     import tensorflow as tf
 
@@ -97,6 +106,8 @@ def strategy_name(strategy: tf.distribute.Strategy) -> str:
     """The public tf.distribute name of ``strategy`` (its class may be an internal alias)."""
     if isinstance(strategy, OneDevice):
         return f"OneDevice ({keras.config.backend()})"
+    if isinstance(strategy, jax_distribution.DataParallel):
+        return strategy.name
     import tensorflow as tf
 
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -186,7 +197,7 @@ def agreement(strategy: tf.distribute.Strategy):
 
 def is_multiworker(strategy) -> bool:
     """Whether ``strategy`` is a MultiWorkerMirroredStrategy."""
-    if isinstance(strategy, OneDevice):
+    if isinstance(strategy, OneDevice | jax_distribution.DataParallel):
         return False
     import tensorflow as tf
 

@@ -37,7 +37,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_resnet.pipeline.data import sources, transforms
+from keras_resnet.pipeline.data import arrays, sources, transforms
 from keras_resnet.pipeline.data.inputs import load_bundle, one_hot_labels
 from keras_resnet.pipeline.errors import (
     TrainingStopped,
@@ -73,6 +73,19 @@ def _set_trainable(model, head_only, original, freeze_bn):
         if freeze_bn and isinstance(layer, keras.layers.BatchNormalization):
             trainable = False
         layer.trainable = trainable
+
+
+def training_input(resolved: ResolvedConfig, replicas: int):
+    """The run's input (:func:`~keras_resnet.pipeline.data.inputs.load_bundle`); on JAX,
+    training images held in memory go to the device, where the compiled step augments them
+    (:mod:`~keras_resnet.pipeline.training.device_data`), when they fit its budget."""
+    bundle = load_bundle(resolved, replicas=replicas)
+    if keras.config.backend() == "jax" and isinstance(bundle, arrays.ArrayBundle):
+        from keras_resnet.pipeline.training import device_data
+
+        if device_data.fits(bundle, resolved.cache_budget_mb * 2**20):
+            return device_data.to_device(bundle)
+    return bundle
 
 
 # --------------------------------------------------------------------------- train
@@ -139,7 +152,7 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         checkpoints.check_resume(run_dir, resolved)
 
     machine.set_random_seed(resolved.seed)
-    bundle = load_bundle(resolved)
+    bundle = training_input(resolved, replicas)
     num_classes = bundle.num_classes
     record = resolved.to_dict()
     record["num_classes"] = num_classes
@@ -174,6 +187,8 @@ def _train(resolved, strategy, run_dir, *, chief, start, stop):
         "steps_per_epoch_resolved": steps, "train_images": bundle.train_size,
         "val_images": bundle.val_size, "skipped_images": len(bundle.skipped),
         "cached_in_memory": bundle.cached,
+        "train_input": getattr(bundle, "input_kind", "tf.data" if keras.config.backend() == (
+            "tensorflow") else "host"),
         "augmentation": transforms.augmentation_style(resolved.image_size),
         "input": "raw RGB pixels 0..255 (float32); normalisation is inside the model",
         "output": "logits", "versions": machine.versions(), "data": data.summary,
@@ -353,9 +368,16 @@ def _fit_segment(fit: Fit, state, *, phase, begin, last, first_step):
         # warns "ran out of data" at their (normal) end.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
         try:
-            fit.model.fit(train_ds, epochs=last, initial_epoch=begin,
-                          steps_per_epoch=steps - first_step, validation_data=val_ds,
-                          callbacks=fit_callbacks, verbose=fit.verbose, shuffle=False)
+            arguments = dict(epochs=last, initial_epoch=begin,
+                             steps_per_epoch=steps - first_step, validation_data=val_ds,
+                             callbacks=fit_callbacks, verbose=fit.verbose, shuffle=False)
+            if hasattr(train_ds, "fit"):
+                # Device-resident data (JAX) runs its own loop of several steps per call,
+                # each call ending where the monitor checkpoints.
+                train_ds.fit(fit.model, first_step=first_step,
+                             checkpoint_every=run.checkpoint_every, **arguments)
+            else:
+                fit.model.fit(train_ds, **arguments)
         except BaseException:
             # A stop (Interrupted) skips Keras' on_train_end: the event files are closed
             # here, so that a process leaving without teardown keeps their last epochs.
