@@ -188,9 +188,10 @@ for per_call in (1, 3):
     # The NaN guard names the step whose loss was not finite, one step or three a call
     # (an infinite learning rate: the second step's loss is NaN).
     monitor = callbacks.RunMonitor(
-        run_dir=out, chief=False, state={"history": []}, phase=0, batch_size=4,
-        steps_per_epoch=steps, keep=1, total_epochs=2, start_time=0.0,
-        save_model=lambda path: None)
+        callbacks.RunSettings(run_dir=out, chief=False, batch_size=4, steps_per_epoch=steps,
+                              keep=1, total_epochs=2, start_time=0.0,
+                              save_model=lambda path: None),
+        state={"history": []}, phase=0)
     bundle.epochs(0).fit(restart(float("inf")), epochs=2, steps_per_epoch=steps,
                          callbacks=[monitor], steps_per_call=per_call)
     result[f"bad_{per_call}"] = monitor.bad_step
