@@ -17,6 +17,9 @@ import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The kernels the tools choose (tools/_cli.py), so that a run in this process and one in a
+# fresh interpreter compute the same numbers.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 TEST_ENV = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 REPO = Path(__file__).resolve().parents[1]

@@ -163,17 +163,37 @@ NO_TF = textwrap.dedent(
 )
 
 
+# Runs a tool where TensorFlow is installed and reports whether it was loaded: Keras seeds
+# TensorFlow wherever it is installed, which would load it (and print its C++ start-up
+# lines) in a run that never uses it.
+TF_INSTALLED = textwrap.dedent(
+    """
+    import runpy, sys
+    sys.path.insert(0, sys.argv[1])
+    sys.argv = sys.argv[2:]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:
+        assert not e.code, e.code
+    print("tensorflow loaded:", "tensorflow" in sys.modules)
+    """
+)
+
+
 # The backends tools/train.py runs on without TensorFlow (each test skips where its backend
 # is not installed).
 BACKENDS = tuple(BACKEND_EXTRAS)
 
 
-def train_without_tensorflow(backend, *args):
+def train_without_tensorflow(backend, *args, script=NO_TF):
+    """tools/train.py on ``backend`` with TensorFlow unimportable (or, with
+    ``script=TF_INSTALLED``, importable but not wanted)."""
     skip_without_backend(backend, f"training on the {backend} backend")
-    # The CPU, as in CI, whatever the machine has.
+    # The CPU, as in CI, whatever the machine has; TensorFlow's C++ lines as a user sees them.
     env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     return subprocess.run(
-        [sys.executable, "-c", NO_TF, str(REPO / "tools"), str(REPO / "tools/train.py"),
+        [sys.executable, "-c", script, str(REPO / "tools"), str(REPO / "tools/train.py"),
          *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -201,9 +221,13 @@ def test_train_without_tensorflow_then_resume(backend, tmp_path):
     # As if the first epoch had run on another machine: the resumed run adds this one.
     config["machines"][0]["cpu"] = "another CPU"
     (run / "config.json").write_text(json.dumps(config))
-    second = train_without_tensorflow(backend, *flags, "--epochs=2")
+    # Resumed where TensorFlow is installed: it is never loaded, nor are its lines printed.
+    second = train_without_tensorflow(backend, *flags, "--epochs=2", script=TF_INSTALLED)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stdout and "epoch 2/2" in second.stdout
+    assert "tensorflow loaded: False" in second.stdout
+    for words in ("oneDNN", "cuda", "cuInit", "absl::InitializeLog"):
+        assert words not in second.stderr, second.stderr[-2000:]
     machines = json.loads((run / "config.json").read_text())["machines"]
     assert [(m["cpu"], m["from_epoch"]) for m in machines] == [
         ("another CPU", 1), (config["cpu"], 2)]
@@ -218,6 +242,7 @@ def test_train_without_tensorflow_then_resume(backend, tmp_path):
     assert (run / "labels.txt").read_text().split() == ["a", "b"]
 
 
+@pytest.mark.slow  # the weight average is the fast tier's on TensorFlow (test_train.py)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_average_without_tensorflow_is_scored_saved_and_resumed(backend, tmp_path):
     """On JAX a train or test step frees the arrays it is given: the average swapped in to
@@ -280,31 +305,3 @@ def test_machines_of_a_run_resumed_elsewhere():
     # Resuming on the same machine adds nothing.
     again = machine.machines(here, {**here, "machines": moved}, {"epoch": 59})
     assert again == moved
-
-
-def test_a_jax_run_where_tensorflow_is_installed_never_loads_it(tmp_path):
-    """Keras seeds TensorFlow wherever it is installed, which would load it (and print its
-    C++ start-up lines) in a run that never uses it."""
-    skip_without_backend("jax", "training on the jax backend")
-    images = make_folder(tmp_path / "images", classes=("a", "b"), per_class=12)
-    code = textwrap.dedent("""
-        import runpy, sys
-        sys.path.insert(0, sys.argv[1])
-        sys.argv = sys.argv[2:]
-        try:
-            runpy.run_path(sys.argv[0], run_name="__main__")
-        except SystemExit as e:
-            assert not e.code, e.code
-        print("tensorflow loaded:", "tensorflow" in sys.modules)
-    """)
-    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(REPO / "tools"), str(REPO / "tools/train.py"),
-         "--depth=8", "--dataset=folder", f"--data_dir={images}", "--batch_size=8",
-         "--epochs=1", f"--model_dir={tmp_path}/run", "--verbose=false"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "tensorflow loaded: False" in result.stdout
-    for words in ("oneDNN", "cuda", "cuInit", "absl::InitializeLog"):
-        assert words not in result.stderr, result.stderr[-2000:]

@@ -49,8 +49,21 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend", tuple(BACKEND_EXTRAS))
-def test_models_build_train_and_agree_under_another_backend(backend, tmp_path):
+# One variant per block kind trains: CIFAR basic, bottleneck (deep stem, average-pool
+# shortcuts), pre-activation bottleneck, squeeze-excitation, grouped convolutions, wide
+# pre-activation basic: the slow tier's (each compiles its own training step, a minute or
+# more on two CPU cores). The fast tier checks the outputs only (tools/train.py trains on
+# each backend in test_arrays.py).
+EVERY_BLOCK_KIND = ["resnet20", "resnet50d", "resnet50v2", "se_resnet50", "resnext50_32x4d",
+                    "wrn_16_8"]
+
+
+@pytest.mark.parametrize("backend, names", [
+    *[pytest.param(b, [], id=b) for b in BACKEND_EXTRAS],
+    *[pytest.param(b, EVERY_BLOCK_KIND, id=f"{b}-every-block-kind", marks=pytest.mark.slow)
+      for b in BACKEND_EXTRAS],
+])
+def test_models_build_train_and_agree_under_another_backend(backend, names, tmp_path):
     skip_without_backend(backend, f"the {backend} backend test")
     model = kr.ResNet50(input_shape=(64, 64, 3), classes=10, include_preprocessing=True)
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
@@ -59,11 +72,7 @@ def test_models_build_train_and_agree_under_another_backend(backend, tmp_path):
     # The shipped CIFAR-10 weights too (stored in float16, loaded in float32).
     x32 = np.random.default_rng(1).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     np.save(tmp_path / "x32.npy", x32)
-    # One variant per block kind trains: CIFAR basic, bottleneck (deep stem, average-pool
-    # shortcuts), pre-activation bottleneck, squeeze-excitation, grouped convolutions,
-    # wide pre-activation basic; the saved ResNet50 checks the plain net's outputs.
-    names = ["resnet20", "resnet50d", "resnet50v2", "se_resnet50", "resnext50_32x4d",
-             "wrn_16_8"]
+    # The saved ResNet50 checks the plain net's outputs; ``names`` train.
     env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), backend, *names],
                           env=env, capture_output=True, text=True, timeout=900)

@@ -158,6 +158,7 @@ sys.exit(train.main(sys.argv))
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"),
                     reason="mounting a small tmpfs needs root")
+@pytest.mark.slow  # the fast tier fails a checkpoint write without a real disk
 def test_a_real_full_disk_ends_in_one_line_and_the_run_resumes(tmp_path):
     """tools/train.py on a 3 MB tmpfs: one error line, the last good checkpoint stays and
     a resume once the disk has room finishes the run."""

@@ -204,6 +204,7 @@ def jax_env():
                 PYTHONPATH=str(REPO))
 
 
+@pytest.mark.slow  # a CPU run takes one step a call; several are the GPU measurement's
 def test_calls_of_several_steps_train_as_single_steps(tmp_path):
     """The while loop an accelerator runs (three steps per call here) gives the weights of
     one step per call, ends calls where checkpoints are due, resumes mid-epoch to the same

@@ -267,6 +267,7 @@ print("RESULT " + json.dumps(weights))
 """
 
 
+@pytest.mark.slow  # fast tier: the fused layer on one device, two replicas of the stock one
 def test_two_replica_mirrored_training_matches_stock():
     """Under MirroredStrategy (2 logical CPUs) each replica normalises its half batch and
     the moving statistics are averaged over replicas, with the fused layer as with the

@@ -21,8 +21,8 @@ NOTEBOOK = """
 
     machine.host_cpu_flags = lambda: frozenset({"amx_bf16", "avx512_bf16"})
     run = sys.argv[1]
-    result = pipeline.train(pipeline.TrainConfig(depth=8, dataset="digits", epochs=2,
-                                                 batch_size=64, model_dir=run,
+    result = pipeline.train(pipeline.TrainConfig(depth=8, dataset="digits", epochs=1,
+                                                 batch_size=64, steps_per_epoch=5, model_dir=run,
                                                  mixed_precision="true", verbose="false"))
     qat = pipeline.qat(run, epochs=1, steps_per_epoch=5, calibration_steps=4,
                        agreement_samples=100, io="uint8", verbose="false")

@@ -200,6 +200,7 @@ _VARIANTS_SCRIPT = """
 """
 
 
+@pytest.mark.slow  # a QAT run per block kind; the fast tier quantizes the plain net
 def test_preact_se_and_grouped_variants_quantize_to_int8(cifar_small):
     out = python_subprocess(_VARIANTS_SCRIPT, str(cifar_small))
     results = json.loads(out.strip().splitlines()[-1])

@@ -36,7 +36,14 @@ def _randomise_bn(model, seed=0):
             ])
 
 
-@pytest.fixture(scope="module", params=[(v, top) for v in REFERENCES for top in (True, False)],
+# Fast tier: ResNet50 with its top, ResNet50V2 without; the other two in the slow tier.
+FAST_REFERENCES = {("resnet50", True), ("resnet50v2", False)}
+
+
+@pytest.fixture(scope="module",
+                params=[(v, top) if (v, top) in FAST_REFERENCES
+                        else pytest.param((v, top), marks=pytest.mark.slow)
+                        for v in REFERENCES for top in (True, False)],
                 ids=lambda p: f"{p[0]}-{'top' if p[1] else 'notop'}")
 def reference_file(request, tmp_path_factory):
     variant, include_top = request.param

@@ -28,7 +28,7 @@ def setup() -> None:
     """Sets the environment the tools run in, before TensorFlow is imported.
 
     Keras on TensorFlow; oneDNN kernels (1.6x faster ResNet training on CPUs where
-    TensorFlow leaves them off, see BUILD.md "Performance"); TensorFlow's C++ log lines off
+    TensorFlow leaves them off: docs/performance.md); TensorFlow's C++ log lines off
     unless the user sets TF_CPP_MIN_LOG_LEVEL. TensorFlow's start-up lines are filtered
     whatever TF_CPP_MIN_LOG_LEVEL says: they are printed before TensorFlow reads it.
     """

@@ -388,7 +388,8 @@ def step(run_dir, what: str, outputs: Sequence[str], *, replace: Sequence[str] =
     adopt(run_dir)
     for name in leftovers(run_dir, outputs):
         os.remove(os.path.join(run_dir, name))
-        print(f"removed {name}, left by a {what} that was stopped before it ended", flush=True)
+        print(f"removed {name}, left by an earlier {what} that was stopped before it ended",
+              flush=True)
     for name in replace:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(run_dir, name))
@@ -401,4 +402,9 @@ def step(run_dir, what: str, outputs: Sequence[str], *, replace: Sequence[str] =
             for name in leftovers(run_dir, outputs):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(run_dir, name))
+            if stop.signum is not None:
+                # The signal's exception may arrive wrapped by the library it interrupted
+                # (Keras turns it into a RuntimeError inside a layer call): stop as the
+                # signal asked, with its one line and exit status.
+                raise stop.interrupted() from None
             raise
