@@ -465,7 +465,7 @@ def _keep_float(model, plain: bytes, keep_float, *, representative, target: floa
     if floats:
         _log(f"keep_float: {len(floats)} layer(s) run in float ({', '.join(floats)}); size "
              f"{_size(len(plain))} -> {_size(len(content))} "
-             f"({len(content) / len(plain) - 1:+.1%}); latency 1 thread "
+             f"({len(content) / len(plain) - 1:+.1%}, before metadata); latency 1 thread "
              f"{cost['int8_latency_1']:.2f} -> {cost['latency_1']:.2f} ms, 2 threads "
              f"{cost['int8_latency_2']:.2f} -> {cost['latency_2']:.2f} ms")
     else:
