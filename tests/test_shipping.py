@@ -85,6 +85,28 @@ def test_ship_writes_the_file_and_a_card_with_every_figure(exported_run, tmp_pat
     assert "| `fast` with learning_rate 0.05, 1 |" in row
 
 
+def test_auto_storage_keeps_float32_where_float16_would_move_top1(exported_run, tmp_path,
+                                                                 monkeypatch):
+    save = weights_lib.save_by_name
+
+    def float16_that_loses_everything(net, path, dtype):
+        """Stores zeros as float16 (every image then gets the same class)."""
+        if dtype != "float16":
+            return save(net, path, dtype=dtype)
+        trained = net.get_weights()
+        net.set_weights([np.zeros_like(w) for w in trained])
+        try:
+            return save(net, path, dtype=dtype)
+        finally:
+            net.set_weights(trained)
+
+    monkeypatch.setattr(weights_lib, "save_by_name", float16_that_loses_everything)
+    card = shipping.ship(exported_run, name="cifar10", out_dir=tmp_path)
+    assert card["dtype"] == "float32"
+    assert card["validation"]["top1_stored"] == card["validation"]["top1_float32"]
+    assert card["validation"]["predictions_changed_by_storage"] == 0
+
+
 def test_storage_that_moves_top1_too_far_is_refused(exported_run, tmp_path, monkeypatch):
     monkeypatch.setattr(shipping, "MAX_STORAGE_CHANGE", -1.0)  # nothing is close enough
     with pytest.raises(UserError, match="storage changes validation top-1 .*; use "
