@@ -38,8 +38,28 @@ from keras_resnet.pipeline.errors import DataError
 ARRAY_DATASETS = ("folder",)
 
 
+class TrainingSet:
+    """What every bundle of training images derives from its ``class_names`` and
+    ``train_labels``."""
+
+    class_names: tuple[str, ...]
+    train_labels: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_labels)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Full batches in one pass over the training images."""
+        return self.train_size // batch_size
+
+
 @dataclasses.dataclass(frozen=True)
-class ArrayBundle:
+class ArrayBundle(TrainingSet):
     """Training and validation images of one dataset, decoded into memory.
 
     The interface is :class:`keras_resnet.pipeline.data.DataBundle`'s (``epochs``,
@@ -63,20 +83,8 @@ class ArrayBundle:
     eval_multiple: int = 1
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def train_size(self) -> int:
-        return len(self.train_labels)
-
-    @property
     def val_size(self) -> int:
         return 0 if self.val_labels is None else len(self.val_labels)
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        """Full batches in one pass over the training images."""
-        return self.train_size // batch_size
 
     def epochs(self, start_epoch: int = 0, skip_batches: int = 0) -> TrainStream:
         """The endless training stream from ``skip_batches`` batches into ``start_epoch``."""

@@ -178,7 +178,7 @@ def eval_image(path: str, image_size: int) -> np.ndarray:
     return np.ascontiguousarray(image[top:top + image_size, left:left + image_size])
 
 
-class StreamBundle:
+class StreamBundle(arrays.TrainingSet):
     """A folder dataset streamed from disk; the interface of the other bundles
     (``epochs``, ``val``, ``steps_per_epoch``, ``first_batches``, sizes, class names)."""
 
@@ -202,19 +202,8 @@ class StreamBundle:
         self.pool = concurrent.futures.ThreadPoolExecutor(threads)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def train_size(self) -> int:
-        return len(self.train_labels)
-
-    @property
     def val_size(self) -> int:
         return len(self.val_files[1]) if self.val_files else 0
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        return self.train_size // batch_size
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The order in which epoch ``epoch`` visits the training images."""

@@ -24,8 +24,9 @@ from keras_resnet.pipeline.errors import Interrupted
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StopRequest:
-    """Records SIGTERM/SIGINT while active (in the main thread; elsewhere it never fires).
+class _SignalScope:
+    """Handles SIGTERM/SIGINT with ``_handle`` while active (in the main thread; elsewhere
+    it never fires), and gives the previous handlers back on exit.
 
     Attributes:
         signum: the first signal received, or None.
@@ -35,7 +36,7 @@ class StopRequest:
         self.signum: int | None = None
         self._previous = {}
 
-    def __enter__(self) -> StopRequest:
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -47,14 +48,24 @@ class StopRequest:
         self._previous = {}
 
     def _handle(self, signum, frame):
+        raise NotImplementedError
+
+
+class StopRequest(_SignalScope):
+    """Records SIGTERM/SIGINT while active (in the main thread; elsewhere it never fires).
+
+    Attributes:
+        signum: the first signal received, or None.
+    """
+
+    def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl+C: stop now
         if self.signum is None:
             self.signum = signum
 
 
-
-class StopNow:
+class StopNow(_SignalScope):
     """SIGTERM/SIGINT stop a job at once with :class:`Interrupted` (exit status 128 + the
     signal), instead of a KeyboardInterrupt traceback.
 
@@ -74,20 +85,8 @@ class StopNow:
     """
 
     def __init__(self, what: str, *, then: str):
+        super().__init__()
         self.what, self.then = what, then
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> StopNow:
-        if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.signum is None:
